@@ -1,0 +1,330 @@
+"""Settings: one YAML file, `${ENV}` interpolation for secrets, validated by pydantic at start.
+
+The models here are the single source of truth for configuration: `schemas/settings.schema.json`
+is exported from them, and every error names the key that is wrong and what it expects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(Exception):
+    """A settings file that cannot be used, with one line per problem a person can act on."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Model):
+    """Where rows come from and where outputs, dead letters and offsets go."""
+
+    bootstrap_servers: str = Field(description="Comma-separated host:port list.")
+    input_topic: str
+    output_topic: str
+    dlq_topic: str | None = Field(
+        default=None, description="Dead-letter topic; defaults to '<input_topic>.dlq'."
+    )
+    group_id: str
+    client_id: str = "llm-consumer"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    session_timeout_ms: int = Field(default=45_000, ge=6_000, le=300_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=500)
+    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+    max_row_bytes: int = Field(
+        default=1_000_000, ge=1, description="Input messages larger than this go to the DLQ."
+    )
+    consumer_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for AIOKafkaConsumer."
+    )
+    producer_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for AIOKafkaProducer."
+    )
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and (
+            self.sasl_mechanism is None or self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, "
+                "sasl_username and sasl_password"
+            )
+        if self.output_topic == self.input_topic:
+            raise ValueError("output_topic must differ from input_topic (it would loop)")
+        return self
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.input_topic}.dlq"
+
+
+class WindowSettings(_Model):
+    """A window closes on whichever comes first: `max_messages` rows or `max_wait_ms`."""
+
+    max_messages: int = Field(default=100, ge=1, le=100_000)
+    max_wait_ms: int = Field(
+        default=2_000, ge=1, description="Measured from the window's first message."
+    )
+    max_pending_windows: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Closed windows allowed to wait while one is enriched (bounds memory).",
+    )
+
+
+class ConcurrencySettings(_Model):
+    """The process-wide AIMD limit on concurrent LLM requests."""
+
+    initial: int = Field(default=16, ge=1)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=64, ge=1, le=4096)
+    decrease_factor: float = Field(default=0.7, gt=0.0, lt=1.0)
+    increase_step: float = Field(
+        default=1.0, gt=0.0, description="Added to the limit per round trip while it is used."
+    )
+
+    @model_validator(mode="after")
+    def _check_order(self) -> ConcurrencySettings:
+        if not self.min <= self.initial <= self.max:
+            raise ValueError(
+                f"need min <= initial <= max, got min={self.min} initial={self.initial} "
+                f"max={self.max}"
+            )
+        return self
+
+
+class RetrySettings(_Model):
+    """Per-row retries of retryable failures (429, 5xx, timeouts), with backoff and jitter."""
+
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    initial_backoff_s: float = Field(default=0.5, gt=0.0)
+    max_backoff_s: float = Field(default=30.0, gt=0.0)
+    max_retry_after_s: float = Field(
+        default=60.0, gt=0.0, description="Longer Retry-After hints are capped to this."
+    )
+    window_backoff_max_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="Cap on the wait before a window that failed systemically is tried again.",
+    )
+
+
+class LLMSettings(_Model):
+    """Which provider to call, with what prompt, and how hard."""
+
+    provider: Literal["openrouter", "azure", "openai"]
+    model: str | None = Field(default=None, description="Model name; for Azure, optional.")
+    deployment: str | None = Field(default=None, description="Azure deployment name.")
+    base_url: str | None = Field(
+        default=None,
+        description=(
+            "API root. Defaults: openrouter https://openrouter.ai/api/v1, openai "
+            "https://api.openai.com/v1; for azure the resource endpoint "
+            "(https://NAME.openai.azure.com)."
+        ),
+    )
+    api_version: str = Field(
+        default="2024-10-21", description="Azure api-version; unused by other providers."
+    )
+    azure_api_style: Literal["deployments", "v1"] = "deployments"
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers, e.g. HTTP-Referer and X-Title."
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged into every request body, e.g. OpenRouter 'provider' or 'models'.",
+    )
+    template: str | None = Field(default=None, description="Inline Jinja2 prompt template.")
+    template_file: Path | None = None
+    system_prompt: str | None = None
+    lookup: dict[str, Any] | None = Field(
+        default=None, description="Inline lookup table, available as 'lookup' in the template."
+    )
+    lookup_file: Path | None = Field(default=None, description="YAML or JSON lookup table.")
+    response_field: str = "llm_response"
+    response_format: Literal["text", "json_object"] = "text"
+    temperature: float | None = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=256, ge=1)
+    request_timeout_s: float = Field(default=60.0, gt=0.0)
+    concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+
+    @field_validator("response_field")
+    @classmethod
+    def _check_field_name(cls, value: str) -> str:
+        if not _FIELD_NAME.match(value):
+            raise ValueError("must be an identifier (letters, digits, underscore)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_provider(self) -> LLMSettings:
+        if (self.template is None) == (self.template_file is None):
+            raise ValueError("set exactly one of 'template' and 'template_file'")
+        if self.lookup is not None and self.lookup_file is not None:
+            raise ValueError("set at most one of 'lookup' and 'lookup_file'")
+        if self.provider == "azure":
+            if self.base_url is None:
+                raise ValueError("provider azure needs base_url (https://NAME.openai.azure.com)")
+            if self.azure_api_style == "deployments" and self.deployment is None:
+                raise ValueError("provider azure needs 'deployment'")
+            if self.azure_api_style == "v1" and self.model is None and self.deployment is None:
+                raise ValueError("azure v1 needs 'model' (the deployment name)")
+        elif self.model is None:
+            raise ValueError(f"provider {self.provider} needs 'model'")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name recorded in outputs: the model, or the Azure deployment."""
+        return self.model or self.deployment or ""
+
+
+class DeliverySettings(_Model):
+    """Delivery guarantees and shutdown behaviour."""
+
+    mode: Literal["at_least_once"] = "at_least_once"
+    shutdown_grace_s: float = Field(
+        default=30.0, gt=0.0, description="Time to finish the open window on SIGTERM."
+    )
+    output_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+
+
+class LoggingSettings(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="auto: text on a terminal, JSON otherwise."
+    )
+
+
+class Settings(_Model):
+    """The whole configuration of one consumer process."""
+
+    kafka: KafkaSettings
+    window: WindowSettings = Field(default_factory=WindowSettings)
+    llm: LLMSettings
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+
+def interpolate_env(value: Any, environ: dict[str, str], path: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {
+            k: interpolate_env(v, environ, f"{path}.{k}" if path else str(k))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [interpolate_env(v, environ, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set (used as ${{{name}}})")
+
+    return _ENV_PATTERN.sub(substitute, value)
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s) in the settings:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or item["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _resolve_relative(settings: dict[str, Any], base: Path) -> None:
+    """Template and lookup files are relative to the settings file, not the working directory."""
+    llm = settings.get("llm")
+    if not isinstance(llm, dict):
+        return
+    for key in ("template_file", "lookup_file"):
+        if isinstance(llm.get(key), str) and not Path(llm[key]).is_absolute():
+            llm[key] = str(base / llm[key])
+
+
+def _validate(data: dict[str, Any], source: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None
+
+
+def _interpolated_mapping(data: Any, source: str, environ: dict[str, str] | None) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    resolved: dict[str, Any] = interpolate_env(
+        data, dict(os.environ) if environ is None else environ
+    )
+    return resolved
+
+
+def parse_settings(
+    data: Any, source: str = "settings", environ: dict[str, str] | None = None
+) -> Settings:
+    """Interpolate `${ENV}` in an already parsed YAML tree and validate it."""
+    return _validate(_interpolated_mapping(data, source, environ), source)
+
+
+def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings:
+    """Read, interpolate and validate a settings file.
+
+    Interpolation comes before relative paths are resolved, so `${DIR}/prompt.j2` with an
+    absolute DIR stays absolute.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the settings file: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = _interpolated_mapping(raw, str(path), environ)
+    _resolve_relative(data, path.parent)
+    return _validate(data, str(path))
+
+
+def settings_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the settings file, exported into `schemas/`."""
+    schema = Settings.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "llm-consumer settings"
+    return schema
