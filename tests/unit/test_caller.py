@@ -1,0 +1,265 @@
+"""One row's call: retries, backoff, and what each attempt tells the limiter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from consumer.config import LLMSettings, RetrySettings
+from consumer.llm.caller import LLMCaller, backoff_delay
+from consumer.llm.client import ChatClient, Completion, Usage
+from consumer.llm.errors import FailureKind, LLMFailure
+from consumer.llm.limiter import AIMDLimiter
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+OK_BODY = {
+    "model": "gpt-test",
+    "choices": [{"message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+class SteppingClock:
+    """Every reading is later than the last, so a Retry-After gate has passed by the next look."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 100.0
+        return self.now
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+Reply = tuple[int, Any, dict[str, str]]
+
+
+class Server:
+    """A scripted fake provider: one reply per request; the last one repeats."""
+
+    def __init__(self, *replies: Reply | Exception) -> None:
+        self.replies = list(replies)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        if isinstance(reply, Exception):
+            raise reply
+        status, body, headers = reply
+        return httpx.Response(status, content=orjson.dumps(body), headers=headers)
+
+
+def ok() -> Reply:
+    return (200, OK_BODY, {})
+
+
+def error(status: int, code: Any = None, headers: dict[str, str] | None = None) -> Reply:
+    return (status, {"error": {"message": f"error {status}", "code": code}}, headers or {})
+
+
+def settings() -> LLMSettings:
+    return LLMSettings(
+        provider="openai",
+        model="gpt-test",
+        base_url="http://fake-llm.test/v1",
+        api_key="sk-test",
+        template="{{ row.t }}",
+    )
+
+
+RETRY = RetrySettings(max_attempts=4, initial_backoff_s=0.5, max_backoff_s=4.0)
+
+
+def make(
+    server: Server | Callable[[httpx.Request], httpx.Response],
+    retry: RetrySettings = RETRY,
+    initial: int = 10,
+) -> tuple[LLMCaller, AIMDLimiter, Sleeps]:
+    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    client = ChatClient(settings(), http=http)
+    limiter = AIMDLimiter(initial, 1, 100, decrease_factor=0.7, clock=SteppingClock())
+    sleeps = Sleeps()
+    caller = LLMCaller(client, limiter, retry, sleep=sleeps, rng=lambda: 1.0)
+    return caller, limiter, sleeps
+
+
+async def test_a_success_takes_one_attempt() -> None:
+    server = Server(ok())
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.failure is None
+    assert result.attempts == 1
+    assert result.completion is not None
+    assert result.completion.content == "hello"
+    assert sleeps.delays == []
+    assert limiter.state().in_flight == 0
+
+
+async def test_a_429_then_success_takes_two_attempts_and_reports_congestion() -> None:
+    server = Server(error(429), ok())
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.completion is not None
+    assert result.attempts == 2
+    assert len(server.requests) == 2
+    assert limiter.limit == pytest.approx(7.0)
+    assert limiter.state().decreases == 1
+    assert sleeps.delays == [0.5]  # no hint: the caller backs off itself
+    assert limiter.state().in_flight == 0
+
+
+async def test_a_400_is_not_retried() -> None:
+    server = Server(error(400), ok())
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.completion is None
+    assert result.failure is not None
+    assert result.failure.kind is FailureKind.ROW
+    assert result.attempts == 1
+    assert len(server.requests) == 1
+    assert sleeps.delays == []
+    assert limiter.limit == 10.0  # says nothing about capacity
+    assert limiter.state().in_flight == 0
+
+
+async def test_a_400_context_length_exceeded_is_a_row_error_not_retried() -> None:
+    server = Server(error(400, "context_length_exceeded"))
+    caller, _, _ = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.failure is not None
+    assert result.failure.reason == "context_length_exceeded"
+    assert result.attempts == 1
+
+
+async def test_a_401_is_systemic_and_not_retried() -> None:
+    server = Server(error(401))
+    caller, _, _ = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.failure is not None
+    assert result.failure.kind is FailureKind.SYSTEMIC
+    assert result.attempts == 1
+
+
+async def test_503_on_every_attempt_returns_the_failure_after_max_attempts() -> None:
+    server = Server(error(503))
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.completion is None
+    assert result.failure is not None
+    assert result.failure.reason == "overloaded"
+    assert result.attempts == RETRY.max_attempts
+    assert len(server.requests) == RETRY.max_attempts
+    assert sleeps.delays == [0.5, 1.0, 2.0]  # no sleep after the last attempt
+    assert limiter.state().in_flight == 0
+
+
+async def test_a_500_is_retried_without_cutting_the_limit() -> None:
+    server = Server(error(500), ok())
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.attempts == 2
+    assert limiter.limit == 10.0
+    assert sleeps.delays == [0.5]
+
+
+async def test_a_connection_error_is_retried() -> None:
+    server = Server(httpx.ConnectError("refused"), ok())
+    caller, _, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.completion is not None
+    assert result.attempts == 2
+    assert len(sleeps.delays) == 1
+
+
+async def test_a_timeout_is_congestion() -> None:
+    server = Server(httpx.ReadTimeout("slow"), ok())
+    caller, limiter, _ = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.attempts == 2
+    assert limiter.state().decreases == 1
+
+
+async def test_no_sleep_when_a_retry_after_hint_was_given() -> None:
+    server = Server(error(429, headers={"retry-after": "3"}), ok())
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.attempts == 2
+    assert sleeps.delays == []  # the limiter's gate does the waiting
+    assert limiter.state().decreases == 1
+
+
+async def test_a_retry_after_on_a_transient_error_also_gates_instead_of_sleeping() -> None:
+    server = Server(error(500, headers={"retry-after-ms": "200"}), ok())
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.attempts == 2
+    assert sleeps.delays == []
+    assert limiter.state().decreases == 0
+
+
+async def test_a_429_with_an_unparseable_retry_after_is_still_retried() -> None:
+    server = Server(error(429, headers={"retry-after": "soon"}), ok())
+    caller, limiter, _ = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.completion is not None
+    assert result.attempts == 2
+    assert limiter.state().in_flight == 0
+
+
+class StandIn:
+    """A client stand-in: fails with the given failures, then answers."""
+
+    def __init__(self, *failures: BaseException) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return Completion("ok", "m", Usage(1, 1, 2), "stop")
+
+
+async def test_a_long_retry_after_hint_is_capped_at_max_retry_after() -> None:
+    clock_now = [0.0]
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: clock_now[0], rng=lambda: 0.0)
+    retry = RetrySettings(max_attempts=1, max_retry_after_s=5.0)
+    hint = LLMFailure(FailureKind.BACKPRESSURE, "rate_limited", "slow down", 429, 3600.0)
+    caller = LLMCaller(StandIn(hint), limiter, retry, sleep=Sleeps(), rng=lambda: 0.0)  # type: ignore[arg-type]
+    result = await caller.call(MESSAGES)
+    assert result.attempts == 1
+    assert limiter.state().not_before_in_s == pytest.approx(5.0)
+
+
+async def test_an_unexpected_exception_releases_the_permit_and_propagates() -> None:
+    limiter = AIMDLimiter(2, 1, 10)
+    client = StandIn(RuntimeError("bug"))
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        await caller.call(MESSAGES)
+    assert limiter.state().in_flight == 0
+
+
+def test_backoff_delay_grows_exponentially_and_is_capped() -> None:
+    retry = RetrySettings(initial_backoff_s=0.5, max_backoff_s=4.0)
+    top = [backoff_delay(attempt, retry, lambda: 1.0) for attempt in range(1, 8)]
+    assert top == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_delay_has_equal_jitter_between_half_and_the_full_ceiling() -> None:
+    retry = RetrySettings(initial_backoff_s=1.0, max_backoff_s=30.0)
+    assert backoff_delay(3, retry, lambda: 0.0) == 2.0
+    assert backoff_delay(3, retry, lambda: 0.5) == 3.0
+    assert backoff_delay(3, retry, lambda: 1.0) == 4.0
