@@ -1,0 +1,70 @@
+"""A row's outcome, and the output fields of the contract built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from consumer.enrich.template import PromptTemplate
+from consumer.llm.client import Completion
+from consumer.llm.errors import FailureKind, RowError
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """What happened to one row: a completion, or an error with the kind of its last failure."""
+
+    completion: Completion | None
+    error: RowError | None
+    failure_kind: FailureKind | None
+    variables_hash: str
+
+    @property
+    def needs_retry_later(self) -> bool:
+        """Failed for a reason outside the row (provider down, auth): worth another window try."""
+        return self.failure_kind is not None and (
+            self.failure_kind is FailureKind.SYSTEMIC or self.failure_kind.retryable
+        )
+
+
+class OutputFields:
+    """Builds `{rf}`, `{rf}_model`, `{rf}_usage`, hashes and `{rf}_error` for each row."""
+
+    def __init__(self, response_field: str, model_name: str, template: PromptTemplate) -> None:
+        rf = response_field
+        self.response_field = rf
+        self._model_name = model_name
+        self._keys = {
+            "model": f"{rf}_model",
+            "usage": f"{rf}_usage",
+            "finish_reason": f"{rf}_finish_reason",
+            "error": f"{rf}_error",
+        }
+        self._static: dict[str, Any] = {f"{rf}_template_hash": template.template_hash}
+        if template.template_source is not None:
+            self._static[f"{rf}_template_source"] = template.template_source
+        if template.lookup_hash is not None:
+            self._static[f"{rf}_lookup_hash"] = template.lookup_hash
+            self._static[f"{rf}_lookup_source"] = template.lookup_source
+        self._variables_key = f"{rf}_variables_hash"
+
+    def apply(self, row: dict[str, Any], outcome: RowOutcome) -> dict[str, Any]:
+        """The output object: the input row plus the response fields (they win on a clash)."""
+        out = dict(row)
+        keys = self._keys
+        completion = outcome.completion
+        if completion is not None:
+            out[self.response_field] = completion.content
+            out[keys["model"]] = completion.model
+            out[keys["usage"]] = completion.usage.as_dict()
+            out[keys["finish_reason"]] = completion.finish_reason
+            out[keys["error"]] = None
+        else:
+            out[self.response_field] = None
+            out[keys["model"]] = self._model_name
+            out[keys["usage"]] = None
+            out[keys["finish_reason"]] = None
+            out[keys["error"]] = outcome.error.as_dict() if outcome.error else None
+        out.update(self._static)
+        out[self._variables_key] = outcome.variables_hash
+        return out

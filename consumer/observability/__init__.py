@@ -1,0 +1,1 @@
+"""Logging now; metrics and health endpoints belong here too."""
