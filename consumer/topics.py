@@ -106,10 +106,8 @@ def _table_line(message: Any, row: Any, response_field: str, width: int) -> str:
         answer = orjson.dumps(row.get(response_field)).decode()
     usage = row.get(f"{response_field}_usage") or {}
     tokens = str(usage.get("total_tokens", "")) if isinstance(usage, dict) else ""
-    text = next(
-        (v for k, v in row.items() if isinstance(v, str) and not k.startswith(response_field)),
-        "",
-    )
+    texts = [v for k, v in row.items() if isinstance(v, str) and not k.startswith(response_field)]
+    text = max(texts, key=len, default="")
     room = max(10, width - 8 - 12 - 24 - 6 - 8)
     text = text.replace("\n", " ")
     text = text if len(text) <= room else text[: room - 1] + "…"
