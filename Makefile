@@ -33,8 +33,8 @@ faults: install
 	$(BIN)/pytest -q -ra tests/faults
 
 lint: $(STAMP)
-	$(BIN)/ruff check consumer tests bench
-	$(BIN)/ruff format --check consumer tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
