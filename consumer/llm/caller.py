@@ -1,20 +1,28 @@
 """One row's LLM call: admission through the limiter, attempts, backoff, and the verdict.
 
 The caller owns retries so that each attempt is reported to the limiter on its own: a fast 429
-is congestion, a success is a round trip, a 400 says nothing about capacity.
+is congestion, a success is a round trip, a 400 says nothing about capacity. Retries draw on a
+process-wide retry budget (a share of recent first attempts plus a small floor): during an
+outage a row's retryable failure ends its attempts once the budget is spent, and the window
+hold-back in the runner and app takes over instead of multiplying the load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from consumer.config import RetrySettings
+from consumer.llm.budgets import RetryBudget
 from consumer.llm.client import ChatClient, Completion
 from consumer.llm.errors import FailureKind, LLMFailure
 from consumer.llm.limiter import AIMDLimiter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,7 @@ class CallResult:
     completion: Completion | None
     failure: LLMFailure | None
     attempts: int
+    retry_budget_exhausted: bool = False
 
 
 def backoff_delay(attempt: int, retry: RetrySettings, rng: Callable[[], float]) -> float:
@@ -42,40 +51,81 @@ class LLMCaller:
         retry: RetrySettings,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+        retry_budget: RetryBudget | None = None,
+        on_attempt: Callable[[str, float], None] | None = None,
     ) -> None:
         self._client = client
+        # Told (status, seconds) after every attempt: "200", the HTTP code, or the failure reason.
+        self._on_attempt = on_attempt
         self._limiter = limiter
         self._retry = retry
         self._sleep = sleep
         self._rng = rng
+        self.retry_budget = (
+            retry_budget
+            or limiter.retry_budget
+            or RetryBudget(
+                retry.budget_ratio, retry.budget_min_per_s, retry.budget_window_s, clock=clock
+            )
+        )
+        limiter.retry_budget = self.retry_budget
+
+    def _estimate(self, messages: list[dict[str, str]]) -> int:
+        estimate = getattr(self._client, "estimated_tokens", None)
+        return int(estimate(messages)) if callable(estimate) else 0
 
     async def call(self, messages: list[dict[str, str]]) -> CallResult:
+        tokens = self._estimate(messages)
         failure: LLMFailure | None = None
         for attempt in range(1, self._retry.max_attempts + 1):
-            ticket = await self._limiter.acquire()
+            if attempt == 1:
+                self.retry_budget.record_request()
+            try:
+                ticket = await self._limiter.acquire(tokens)
+            except LLMFailure as error:  # bigger than the whole token budget: fail fast
+                return CallResult(None, error, attempt - 1)
             reported = False
+            started, status = time.monotonic(), "error"
             try:
                 completion = await self._client.complete(messages)
-                self._limiter.on_success(ticket)
+                status = "200"
+                used = completion.usage.total_tokens or None
+                self._limiter.on_success(ticket, used)
                 reported = True
                 return CallResult(completion, None, attempt)
             except LLMFailure as error:
                 failure = error
+                status = str(error.status_code) if error.status_code is not None else error.reason
                 hint = None
                 if error.retry_after_s is not None:
                     hint = min(error.retry_after_s, self._retry.max_retry_after_s)
                 if error.kind is FailureKind.BACKPRESSURE:
                     self._limiter.on_congestion(ticket, hint)
                 else:
-                    self._limiter.on_ignore()
+                    self._limiter.on_ignore(ticket)
                     if hint:
                         self._limiter.defer(hint)
                 reported = True
             finally:
                 if not reported:
-                    self._limiter.on_ignore()
+                    self._limiter.on_ignore(ticket)
+                if self._on_attempt is not None:
+                    self._on_attempt(status, time.monotonic() - started)
             if not failure.kind.retryable:
                 return CallResult(None, failure, attempt)
-            if attempt < self._retry.max_attempts and failure.retry_after_s is None:
+            if attempt >= self._retry.max_attempts:
+                break
+            if not self.retry_budget.try_spend():
+                log.debug("retry budget spent: %s ends after %d attempt(s)", failure, attempt)
+                spent = LLMFailure(
+                    failure.kind,
+                    failure.reason,
+                    f"{failure.message} (retry budget exhausted: too many retries recently)",
+                    failure.status_code,
+                    failure.retry_after_s,
+                )
+                return CallResult(None, spent, attempt, retry_budget_exhausted=True)
+            if failure.retry_after_s is None:
                 await self._sleep(backoff_delay(attempt, self._retry, self._rng))
         return CallResult(None, failure, self._retry.max_attempts)

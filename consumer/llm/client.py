@@ -7,6 +7,9 @@ the limiter's maximum so no hidden queue sits under the limiter.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +18,7 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from consumer.config import LLMSettings
+from consumer.llm.budgets import estimate_prompt_tokens
 from consumer.llm.errors import (
     FailureKind,
     LLMFailure,
@@ -22,6 +26,9 @@ from consumer.llm.errors import (
     classify_status,
     retry_after_seconds,
 )
+from consumer.llm.jsonshape import schema_errors
+
+log = logging.getLogger(__name__)
 
 _DEFAULT_BASE_URLS = {
     "openrouter": "https://openrouter.ai/api/v1",
@@ -52,6 +59,11 @@ class Completion:
     usage: Usage
     finish_reason: str | None
 
+    @property
+    def truncated(self) -> bool:
+        """The answer was cut by max_tokens (`finish_reason: length`)."""
+        return self.finish_reason == "length"
+
 
 def endpoint_url(settings: LLMSettings) -> str:
     """The chat-completions URL for the configured provider."""
@@ -67,9 +79,11 @@ def endpoint_url(settings: LLMSettings) -> str:
     return f"{root}/chat/completions"
 
 
-def request_headers(settings: LLMSettings) -> dict[str, str]:
+def request_headers(settings: LLMSettings, azure_ad_token: str | None = None) -> dict[str, str]:
     headers = {"content-type": "application/json", "accept": "application/json"}
-    if settings.api_key is not None:
+    if azure_ad_token is not None:
+        headers["authorization"] = f"Bearer {azure_ad_token}"
+    elif settings.api_key is not None:
         key = settings.api_key.get_secret_value()
         if settings.provider == "azure":
             headers["api-key"] = key
@@ -86,6 +100,30 @@ def _usage(body: dict[str, Any]) -> Usage:
     completion = int(raw.get("completion_tokens") or 0)
     total = int(raw.get("total_tokens") or prompt + completion)
     return Usage(prompt, completion, total)
+
+
+def _parse_json_answer(content: str, settings: LLMSettings, finish_reason: Any) -> Any:
+    """The parsed object of a JSON-mode answer, checked against `json_schema` when set."""
+    cut = " (cut by max_tokens)" if finish_reason == "length" else ""
+    try:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise LLMFailure(
+            FailureKind.ROW,
+            "invalid_json_response",
+            f"the answer is not JSON{cut}: {content[:200]!r}",
+            200,
+        ) from None
+    if settings.response_format == "json_schema":
+        problems = schema_errors(value, settings.json_schema)
+        if problems:
+            raise LLMFailure(
+                FailureKind.ROW,
+                "schema_mismatch",
+                "the answer does not match json_schema: " + "; ".join(problems[:5]),
+                200,
+            )
+    return value
 
 
 def parse_completion(body: Any, settings: LLMSettings) -> Completion:
@@ -110,25 +148,96 @@ def parse_completion(body: Any, settings: LLMSettings) -> Completion:
         raise LLMFailure(
             FailureKind.ROW, "content_filter", "the answer was withheld by a content filter", 200
         )
+    if finish_reason == "error":
+        # OpenRouter: the provider failed mid-answer (native_finish_reason says how)
+        native = choice.get("native_finish_reason")
+        raise LLMFailure(
+            FailureKind.TRANSIENT,
+            "provider_error",
+            f"the provider failed while answering ({native or 'no detail'})",
+            200,
+        )
     if not isinstance(content, str) or not content.strip():
         refusal = message.get("refusal")
         if isinstance(refusal, str) and refusal:
             raise LLMFailure(FailureKind.ROW, "refused", refusal, 200)
         raise LLMFailure(FailureKind.TRANSIENT, "empty_response", "the answer has no content", 200)
     value: Any = content
-    if settings.response_format == "json_object":
-        try:
-            value = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise LLMFailure(
-                FailureKind.ROW,
-                "invalid_json_response",
-                f"the answer is not JSON: {content[:200]!r}",
-                200,
-            ) from None
+    if settings.response_format != "text":
+        value = _parse_json_answer(content, settings, finish_reason)
     answered_by = body.get("model")
     model = answered_by if isinstance(answered_by, str) else settings.model_name
     return Completion(value, model, _usage(body), finish_reason)
+
+
+class AzureTokenSource:
+    """An Entra ID bearer token from the settings, an env variable, a file or a command.
+
+    Read at start; read again (once per 401 wave, shared by all requests that saw the same
+    token) when the provider rejects it, since tokens expire after about an hour.
+    """
+
+    def __init__(self, settings: LLMSettings) -> None:
+        self._settings = settings
+        self._lock = asyncio.Lock()
+        self.generation = 0
+        self.token: str | None = None
+
+    @staticmethod
+    def configured(settings: LLMSettings) -> bool:
+        return settings.provider == "azure" and any(
+            source is not None
+            for source in (
+                settings.azure_ad_token,
+                settings.azure_ad_token_env,
+                settings.azure_ad_token_file,
+                settings.azure_ad_token_command,
+            )
+        )
+
+    def read_static(self) -> str | None:
+        """The token from the settings, env or file (not the command: that one is async)."""
+        settings = self._settings
+        if settings.azure_ad_token is not None:
+            return settings.azure_ad_token.get_secret_value()
+        if settings.azure_ad_token_env is not None:
+            return os.environ.get(settings.azure_ad_token_env, "").strip() or None
+        if settings.azure_ad_token_file is not None:
+            try:
+                return settings.azure_ad_token_file.read_text(encoding="utf-8").strip() or None
+            except OSError as error:
+                log.warning("cannot read azure_ad_token_file: %s", error.strerror)
+        return None
+
+    async def read(self) -> str | None:
+        command = self._settings.azure_ad_token_command
+        if command is None:
+            return self.read_static()
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await process.communicate()
+        if process.returncode != 0:
+            log.warning(
+                "azure_ad_token_command failed (exit %s): %s",
+                process.returncode,
+                err.decode(errors="replace")[-300:],
+            )
+            return None
+        return out.decode().strip() or None
+
+    async def ensure(self) -> None:
+        if self.token is None:
+            await self.refresh(self.generation)
+
+    async def refresh(self, seen_generation: int) -> None:
+        """Read the token again unless another request already did since `seen_generation`."""
+        async with self._lock:
+            if self.generation != seen_generation:
+                return
+            self.token = await self.read()
+            self.generation += 1
+            log.debug("azure token read (generation %d)", self.generation)
 
 
 class ChatClient:
@@ -137,13 +246,26 @@ class ChatClient:
     def __init__(self, settings: LLMSettings, http: httpx.AsyncClient | None = None) -> None:
         self._settings = settings
         self._url = endpoint_url(settings)
+        self._token = AzureTokenSource(settings) if AzureTokenSource.configured(settings) else None
+        if self._token is not None:
+            self._token.token = self._token.read_static()
         self._headers = request_headers(settings)
+        # At least the limiter's max, so no hidden queue sits under the limiter; a few more for
+        # connections that are closing.
         pool = settings.concurrency.max + 8
         limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         self._http = http or httpx.AsyncClient(
             transport=AiohttpTransport(limits=limits),
             timeout=httpx.Timeout(settings.request_timeout_s, connect=10.0),
         )
+
+    @property
+    def pool_size(self) -> int:
+        return self._settings.concurrency.max + 8
+
+    def estimated_tokens(self, messages: list[dict[str, str]]) -> int:
+        """What a TPM budget charges at admission: prompt chars/4 + max_tokens."""
+        return estimate_prompt_tokens(messages) + (self._settings.max_tokens or 0)
 
     def request_body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         settings = self._settings
@@ -156,14 +278,32 @@ class ChatClient:
             body["max_tokens"] = settings.max_tokens
         if settings.response_format == "json_object":
             body["response_format"] = {"type": "json_object"}
+        elif settings.response_format == "json_schema":
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": settings.json_schema_name,
+                    "schema": settings.json_schema,
+                    "strict": settings.json_schema_strict,
+                },
+            }
         body.update(settings.extra_body)
         return body
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
-        """One attempt. Raises LLMFailure; never retries (the caller owns retries)."""
-        payload = orjson.dumps(self.request_body(messages))
+    def _auth_headers(self) -> dict[str, str]:
+        if self._token is None or self._token.token is None:
+            return self._headers
+        return {**self._headers, "authorization": f"Bearer {self._token.token}"}
+
+    async def _post(self, payload: bytes) -> httpx.Response:
         try:
-            response = await self._http.post(self._url, content=payload, headers=self._headers)
+            return await self._http.post(self._url, content=payload, headers=self._auth_headers())
+        except (httpx.PoolTimeout, httpx.ConnectTimeout) as error:
+            # waiting for a connection (aiohttp counts the pool wait in its connect timeout)
+            # says nothing about the provider's capacity: transient, not congestion
+            raise LLMFailure(
+                FailureKind.TRANSIENT, "connect_timeout", f"no connection in time: {error!r}"
+            ) from None
         except httpx.TimeoutException as error:
             raise LLMFailure(
                 FailureKind.BACKPRESSURE, "timeout", f"request timed out: {error!r}"
@@ -172,6 +312,22 @@ class ChatClient:
             raise LLMFailure(
                 FailureKind.TRANSIENT, "connection_error", f"connection failed: {error!r}"
             ) from None
+
+    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+        """One attempt. Raises LLMFailure; never retries (the caller owns retries).
+
+        The one exception: a 401 with an Entra ID token reads the token again and repeats the
+        request once, since an expired token is not the row's fault.
+        """
+        payload = orjson.dumps(self.request_body(messages))
+        token = self._token
+        if token is not None:
+            await token.ensure()
+        generation = token.generation if token is not None else 0
+        response = await self._post(payload)
+        if response.status_code == 401 and token is not None:
+            await token.refresh(generation)
+            response = await self._post(payload)
         try:
             body: Any = orjson.loads(response.content)
         except orjson.JSONDecodeError:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+_RETRY_AFTER_IN_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) seconds?", re.IGNORECASE)
 
 
 class FailureKind(StrEnum):
@@ -108,11 +111,18 @@ def retry_after_seconds(headers: Any, body: Any, now: float | None = None) -> fl
                     parsed = parsed.replace(tzinfo=datetime.UTC)
                 return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        availability = body["error"].get("availability")
+        error = body["error"]
+        availability = error.get("availability")
         if isinstance(availability, dict) and isinstance(
             availability.get("retry_after"), int | float
         ):
             return max(0.0, float(availability["retry_after"]))
+        # Azure spells it out in the message: "... Please retry after 6 seconds."
+        message = error.get("message")
+        if isinstance(message, str):
+            match = _RETRY_AFTER_IN_TEXT.search(message)
+            if match:
+                return float(match.group(1))
     return None
 
 

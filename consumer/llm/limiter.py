@@ -3,10 +3,22 @@
 Decisions, and why:
 - Additive increase of about `increase_step` per round trip (step/limit per success), and only
   while the limit is actually in use, so the idle tail of a window does not inflate it.
+- Gentle probing where it hurt last time: once the limit is back near the level at which the
+  last congestion happened (the "ceiling"), it grows by `probe_step` per round trip instead of
+  `increase_step`; once well past that level without congestion, the capacity has grown and the
+  full step returns. This keeps the sawtooth flat (fewer 429s, fewer Retry-After pauses)
+  without slowing the recovery after a cut or the climb when capacity moves up.
 - Multiplicative decrease once per congestion event: a request that was admitted before the
   last decrease belongs to the overload that decrease already answered, so it cannot cut again.
-- A limiter-wide "not before" time from Retry-After hints, with jitter, so waiting requests do
-  not come back as a herd.
+- Round-trip samples only from successful attempts, per attempt. With `latency_signal` on, a
+  sample above `latency_tolerance` x the observed minimum (of an EWMA of samples) counts as
+  congestion, for servers that queue instead of answering 429 (vLLM).
+- A limiter-wide "not before" time from Retry-After hints, with jitter, and a ramp after it:
+  the permits come back over `retry_after_jitter` x the hint, so waiting requests do not come
+  back as a herd.
+- Optional RPM and TPM token buckets: a request is admitted when a permit, a request token and
+  its estimated tokens are all available; the estimate is reconciled with the usage reported.
+  A request that can never fit fails fast (`exceeds_token_budget`), it never waits forever.
 The arithmetic is synchronous and takes a clock, so it is tested without sleeping.
 """
 
@@ -21,9 +33,19 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from consumer.config import ConcurrencySettings
+from consumer.llm.budgets import RetryBudget, TokenBucket
+from consumer.llm.errors import FailureKind, LLMFailure
+
 log = logging.getLogger(__name__)
 
 _USED_FRACTION = 0.8
+_RTT_EWMA_ALPHA = 0.2
+# The RTT floor creeps up by this fraction per second, so a lasting change of the base latency
+# (a different model, longer prompts) is learnt instead of reading as congestion forever.
+_RTT_FLOOR_DRIFT_PER_S = 0.01
+# The RPM bucket holds 10 s worth of requests: Azure enforces RPM over 1 s / 10 s sub-windows.
+_RPM_BURST_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +54,7 @@ class Ticket:
 
     admitted_at: float
     in_flight_at_admission: int
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,21 +64,33 @@ class LimiterState:
     waiting: int
     not_before_in_s: float
     decreases: int
+    ceiling: float | None = None
+    rtt_s: float | None = None
+    min_rtt_s: float | None = None
+    rpm_tokens: float | None = None
+    tpm_tokens: float | None = None
+    retry_budget_tokens: float | None = None
 
 
 class AIMDLimiter:
-    """Admission control: `async with limiter.slot() as ticket`, then report how it went."""
+    """Admission control: `ticket = await limiter.acquire()`, then report how the attempt went."""
 
     def __init__(
         self,
         initial: int,
         minimum: int,
         maximum: int,
-        decrease_factor: float = 0.7,
+        decrease_factor: float = 0.8,
         increase_step: float = 1.0,
         retry_after_jitter: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        *,
+        probe_step: float | None = 0.1,
+        latency_signal: bool = False,
+        latency_tolerance: float = 2.0,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
     ) -> None:
         if not 1 <= minimum <= initial <= maximum:
             raise ValueError("need 1 <= minimum <= initial <= maximum")
@@ -64,15 +99,53 @@ class AIMDLimiter:
         self._max = maximum
         self._factor = decrease_factor
         self._step = increase_step
+        self._probe_step = probe_step
         self._jitter = retry_after_jitter
         self._clock = clock
         self._rng = rng
+        self._latency_signal = latency_signal
+        self._latency_tolerance = latency_tolerance
         self._in_flight = 0
         self._last_decrease_at = -math.inf
+        self._ceiling: float | None = None
         self._not_before = -math.inf
+        self._ramp_s = 0.0
         self._decreases = 0
-        self._waiters: deque[asyncio.Future[Ticket]] = deque()
+        self._rtt_ewma: float | None = None
+        self._rtt_floor: float | None = None
+        self._rtt_floor_at = 0.0
+        now = clock()
+        self._rpm = (
+            TokenBucket(requests_per_minute / 60.0, max(1.0, requests_per_minute / 6.0), now)
+            if requests_per_minute
+            else None
+        )
+        self._tpm = (
+            TokenBucket(tokens_per_minute / 60.0, float(tokens_per_minute), now)
+            if tokens_per_minute
+            else None
+        )
+        self._waiters: deque[tuple[asyncio.Future[Ticket], int]] = deque()
         self._wake_handle: asyncio.TimerHandle | None = None
+        # The process-wide retry budget; the caller attaches it so one state() shows it all.
+        self.retry_budget: RetryBudget | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ConcurrencySettings) -> AIMDLimiter:
+        """The process-wide limiter as configured in `llm.concurrency`."""
+        return cls(
+            initial=settings.initial,
+            minimum=settings.min,
+            maximum=settings.max,
+            decrease_factor=settings.decrease_factor,
+            increase_step=settings.increase_step,
+            retry_after_jitter=settings.retry_after_jitter,
+            probe_step=settings.probe_step,
+            latency_signal=settings.latency_signal,
+            latency_tolerance=settings.latency_tolerance,
+            requests_per_minute=settings.requests_per_minute,
+            tokens_per_minute=settings.tokens_per_minute,
+        )
 
     @property
     def limit(self) -> float:
@@ -83,92 +156,205 @@ class AIMDLimiter:
         return max(self._min, int(self._limit))
 
     def state(self) -> LimiterState:
+        now = self._clock()
         return LimiterState(
             limit=self._limit,
             in_flight=self._in_flight,
             waiting=len(self._waiters),
-            not_before_in_s=max(0.0, self._not_before - self._clock()),
+            not_before_in_s=max(0.0, self._not_before - now),
             decreases=self._decreases,
+            ceiling=self._ceiling,
+            rtt_s=self._rtt_ewma,
+            min_rtt_s=self._rtt_floor,
+            rpm_tokens=self._rpm.level(now) if self._rpm else None,
+            tpm_tokens=self._tpm.level(now) if self._tpm else None,
+            retry_budget_tokens=self.retry_budget.tokens(now) if self.retry_budget else None,
         )
 
-    def try_acquire(self) -> Ticket | None:
-        """Admit one request now if the limit and the Retry-After gate allow it."""
-        now = self._clock()
-        if now < self._not_before or self._in_flight >= self.permits:
-            return None
-        self._in_flight += 1
-        return Ticket(admitted_at=now, in_flight_at_admission=self._in_flight)
+    # ---- admission ------------------------------------------------------------------------
 
-    async def acquire(self) -> Ticket:
-        """Wait, in FIFO order, for admission."""
+    def check_fits(self, tokens: int) -> None:
+        """Fail fast, as a row error, when one request is bigger than the whole token budget."""
+        if self._tpm is not None and tokens > self._tpm.capacity:
+            raise LLMFailure(
+                FailureKind.ROW,
+                "exceeds_token_budget",
+                f"the request needs about {tokens} tokens (prompt estimate + max_tokens), more "
+                f"than the whole budget of {int(self._tpm.capacity)} tokens per minute",
+            )
+
+    def try_acquire(self, tokens: int = 0) -> Ticket | None:
+        """Admit one request now if the limit, the Retry-After gate and the budgets allow it."""
+        self.check_fits(tokens)
+        now = self._clock()
+        if self._blocked_until(now, tokens) > now or self._in_flight >= self._permits_now(now):
+            return None
+        if self._rpm is not None:
+            self._rpm.take(1.0, now)
+        if self._tpm is not None and tokens:
+            self._tpm.take(float(tokens), now)
+        self._in_flight += 1
+        return Ticket(admitted_at=now, in_flight_at_admission=self._in_flight, tokens=tokens)
+
+    async def acquire(self, tokens: int = 0) -> Ticket:
+        """Wait, in FIFO order, for admission. Raises LLMFailure if `tokens` can never fit."""
+        self.check_fits(tokens)
         if not self._waiters:
-            ticket = self.try_acquire()
+            ticket = self.try_acquire(tokens)
             if ticket is not None:
                 return ticket
         future: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        self._schedule_gate_wakeup()
+        self._waiters.append((future, tokens))
+        self._schedule_wakeup()
         try:
             return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self._in_flight -= 1
                 self._wake()
-            elif future in self._waiters:
-                self._waiters.remove(future)
+            else:
+                self._remove_waiter(future)
             raise
 
-    def on_success(self, ticket: Ticket) -> None:
-        """A completed attempt: grow the limit if the limit was what held traffic back."""
-        used = bool(self._waiters) or ticket.in_flight_at_admission >= self._limit * _USED_FRACTION
+    # ---- feedback -------------------------------------------------------------------------
+
+    def on_success(self, ticket: Ticket, used_tokens: int | None = None) -> None:
+        """A completed attempt: a round-trip sample; grow the limit if it held traffic back."""
+        now = self._clock()
         self._in_flight -= 1
-        if used and self._limit < self._max:
-            self._limit = min(float(self._max), self._limit + self._step / self._limit)
+        self._reconcile(ticket, used_tokens, now)
+        rtt = now - ticket.admitted_at
+        if self._latency_signal and self._queueing(rtt, now):
+            self._decrease(ticket, now, f"latency {rtt:.3f}s > {self._latency_tolerance}x min")
+        else:
+            self._increase(ticket)
+        self._record_rtt(rtt, now)
         self._wake()
 
     def on_congestion(self, ticket: Ticket, retry_after_s: float | None = None) -> None:
         """A 429, 503, timeout...: cut once per event, and honour the server's wait hint."""
         self._in_flight -= 1
-        now = self._clock()
-        if ticket.admitted_at > self._last_decrease_at:
-            before = self._limit
-            self._limit = max(float(self._min), self._limit * self._factor)
-            self._last_decrease_at = now
-            self._decreases += 1
-            log.debug("limiter decrease %.1f -> %.1f", before, self._limit)
+        self._decrease(ticket, self._clock(), "congestion")
         if retry_after_s is not None and retry_after_s > 0:
             self.defer(retry_after_s)
         self._wake()
 
-    def on_ignore(self) -> None:
-        """An attempt that says nothing about capacity (a 400, a transient 500)."""
+    def on_ignore(self, ticket: Ticket | None = None, used_tokens: int | None = None) -> None:
+        """An attempt that says nothing about capacity (a 400, a transient 500, a pool wait)."""
         self._in_flight -= 1
+        if ticket is not None and used_tokens is not None:
+            self._reconcile(ticket, used_tokens, self._clock())
         self._wake()
 
     def defer(self, seconds: float) -> None:
-        """Hold every admission until `seconds` from now, plus jitter to spread re-entry."""
-        until = self._clock() + seconds * (1.0 + self._jitter * self._rng())
+        """Hold every admission until `seconds` from now (plus jitter), then ramp back in."""
+        now = self._clock()
+        until = now + seconds * (1.0 + self._jitter * self._rng())
         if until > self._not_before:
             self._not_before = until
-            log.debug("limiter gate closed for %.2fs", until - self._clock())
+            self._ramp_s = self._jitter * seconds
+            log.debug("limiter gate closed for %.2fs, then a %.2fs ramp", until - now, self._ramp_s)
+        self._schedule_wakeup()
+
+    # ---- arithmetic -----------------------------------------------------------------------
+
+    def _increase(self, ticket: Ticket) -> None:
+        used = bool(self._waiters) or ticket.in_flight_at_admission >= self._limit * _USED_FRACTION
+        if not used or self._limit >= self._max:
+            return
+        step = self._step
+        ceiling = self._ceiling
+        if ceiling is not None and self._probe_step is not None:
+            if self._limit >= ceiling + max(1.0, 0.05 * ceiling):
+                self._ceiling = None  # well past the old trouble without any: capacity grew
+                log.debug("limiter passed its ceiling %.1f: full steps again", ceiling)
+            elif self._limit >= ceiling - 1.0:
+                step = self._probe_step
+        self._limit = min(float(self._max), self._limit + step / self._limit)
+
+    def _decrease(self, ticket: Ticket, now: float, why: str) -> None:
+        if ticket.admitted_at <= self._last_decrease_at:
+            return  # part of the event the last cut already answered
+        before = self._limit
+        self._ceiling = before
+        self._limit = max(float(self._min), before * self._factor)
+        self._last_decrease_at = now
+        self._decreases += 1
+        log.debug("limiter decrease %.1f -> %.1f (%s)", before, self._limit, why)
+
+    def _record_rtt(self, rtt: float, now: float) -> None:
+        ewma = (
+            rtt
+            if self._rtt_ewma is None
+            else self._rtt_ewma + _RTT_EWMA_ALPHA * (rtt - self._rtt_ewma)
+        )
+        self._rtt_ewma = ewma
+        floor = self._rtt_floor
+        if floor is not None:
+            floor *= 1.0 + _RTT_FLOOR_DRIFT_PER_S * max(0.0, now - self._rtt_floor_at)
+        self._rtt_floor = ewma if floor is None else min(floor, ewma)
+        self._rtt_floor_at = now
+
+    def _queueing(self, rtt: float, now: float) -> bool:
+        floor = self._rtt_floor
+        return floor is not None and floor > 0 and rtt > self._latency_tolerance * floor
+
+    def _reconcile(self, ticket: Ticket, used_tokens: int | None, now: float) -> None:
+        if self._tpm is not None and used_tokens is not None and ticket.tokens:
+            self._tpm.adjust(float(ticket.tokens - used_tokens), now)
+
+    def _permits_now(self, now: float) -> int:
+        """The permits, ramped up linearly over the re-entry spread after a Retry-After gate."""
+        permits = self.permits
+        if self._ramp_s > 0 and now < self._not_before + self._ramp_s:
+            fraction = (now - self._not_before) / self._ramp_s
+            return max(1, min(permits, math.ceil(permits * fraction)))
+        return permits
+
+    def _blocked_until(self, now: float, tokens: int) -> float:
+        """The earliest time the gate and the budgets would let a request of `tokens` in."""
+        until = max(now, self._not_before)
+        if self._rpm is not None:
+            until = max(until, now + self._rpm.seconds_until(1.0, now))
+        if self._tpm is not None and tokens:
+            until = max(until, now + self._tpm.seconds_until(float(tokens), now))
+        return until
+
+    # ---- waking ---------------------------------------------------------------------------
+
+    def _remove_waiter(self, future: asyncio.Future[Ticket]) -> None:
+        for entry in self._waiters:
+            if entry[0] is future:
+                self._waiters.remove(entry)
+                return
 
     def _wake(self) -> None:
         while self._waiters:
-            if self._waiters[0].done():
+            future, tokens = self._waiters[0]
+            if future.done():
                 self._waiters.popleft()
                 continue
-            ticket = self.try_acquire()
+            ticket = self.try_acquire(tokens)
             if ticket is None:
                 break
-            self._waiters.popleft().set_result(ticket)
-        self._schedule_gate_wakeup()
+            self._waiters.popleft()
+            future.set_result(ticket)
+        self._schedule_wakeup()
 
-    def _schedule_gate_wakeup(self) -> None:
-        if not self._waiters:
-            return
-        delay = self._not_before - self._clock()
-        if delay <= 0:
-            return
+    def _schedule_wakeup(self) -> None:
+        """Wake the queue when time alone (gate, ramp, bucket refill) would admit its head."""
         if self._wake_handle is not None:
             self._wake_handle.cancel()
-        self._wake_handle = asyncio.get_running_loop().call_later(delay, self._wake)
+            self._wake_handle = None
+        if not self._waiters:
+            return
+        now = self._clock()
+        at = self._blocked_until(now, self._waiters[0][1])
+        ramp_end = self._not_before + self._ramp_s
+        permits = self.permits
+        if at <= now and self._in_flight < permits and now < ramp_end:
+            # inside the ramp: the next permit opens at this point of it
+            at = self._not_before + self._ramp_s * (self._in_flight + 1) / permits
+        if at <= now:
+            return
+        self._wake_handle = asyncio.get_running_loop().call_later(at - now, self._wake)

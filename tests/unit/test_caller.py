@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import orjson
 import pytest
 
 from consumer.config import LLMSettings, RetrySettings
+from consumer.llm.budgets import RetryBudget
 from consumer.llm.caller import LLMCaller, backoff_delay
 from consumer.llm.client import ChatClient, Completion, Usage
 from consumer.llm.errors import FailureKind, LLMFailure
@@ -263,3 +265,44 @@ def test_backoff_delay_has_equal_jitter_between_half_and_the_full_ceiling() -> N
     assert backoff_delay(3, retry, lambda: 0.0) == 2.0
     assert backoff_delay(3, retry, lambda: 0.5) == 3.0
     assert backoff_delay(3, retry, lambda: 1.0) == 4.0
+
+
+async def test_when_the_retry_budget_is_spent_a_retryable_failure_ends_the_row() -> None:
+    now = [0.0]
+    budget = RetryBudget(ratio=0.0, min_per_s=0.1, window_s=10.0, clock=lambda: now[0])
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
+    busy = LLMFailure(FailureKind.BACKPRESSURE, "rate_limited", "slow down", 429)
+    client = StandIn(*[busy] * 10)
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), retry_budget=budget)  # type: ignore[arg-type]
+    result = await caller.call(MESSAGES)
+    assert result.completion is None
+    assert result.retry_budget_exhausted
+    assert result.attempts == 2  # the floor allowed one retry, then the budget was spent
+    assert result.failure is not None
+    assert result.failure.kind is FailureKind.BACKPRESSURE  # still retryable: the window decides
+    assert "retry budget exhausted" in result.failure.message
+    assert limiter.state().retry_budget_tokens == pytest.approx(0.0)
+
+
+async def test_a_request_bigger_than_the_token_budget_fails_fast_without_an_attempt() -> None:
+    server = Server(ok())
+    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    client = ChatClient(settings(), http=http)
+    limiter = AIMDLimiter(10, 1, 100, tokens_per_minute=100)  # max_tokens 256 alone is more
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps())
+    result = await asyncio.wait_for(caller.call(MESSAGES), 1.0)
+    assert result.failure is not None
+    assert result.failure.reason == "exceeds_token_budget"
+    assert result.attempts == 0
+    assert server.requests == []
+
+
+async def test_the_token_budget_is_reconciled_with_the_reported_usage() -> None:
+    server = Server(ok())  # reports 4 total tokens
+    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    client = ChatClient(settings(), http=http)
+    clock_now = [0.0]
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: clock_now[0], tokens_per_minute=10_000)
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps())
+    await caller.call(MESSAGES)
+    assert limiter.state().tpm_tokens == pytest.approx(10_000 - 4)

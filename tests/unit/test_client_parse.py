@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 
 from consumer.config import LLMSettings
@@ -228,3 +231,156 @@ def test_request_body_includes_extra_body() -> None:
     assert body["provider"] == {"order": ["openai"]}
     assert body["models"] == ["a", "b"]
     assert body["messages"] == MESSAGES
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["POSITIVE", "NEGATIVE", "NEUTRAL"]},
+        "confidence": {"type": "number"},
+    },
+    "required": ["sentiment", "confidence"],
+    "additionalProperties": False,
+}
+
+
+def schema_settings() -> LLMSettings:
+    return settings(response_format="json_schema", json_schema=SCHEMA)
+
+
+def test_request_body_asks_for_a_json_schema_when_configured() -> None:
+    body = ChatClient(schema_settings()).request_body(MESSAGES)
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": SCHEMA, "strict": True},
+    }
+
+
+def test_json_schema_format_gives_the_parsed_object() -> None:
+    content = '{"sentiment": "POSITIVE", "confidence": 0.9}'
+    completion = parse_completion(answer(content=content), schema_settings())
+    assert completion.content == {"sentiment": "POSITIVE", "confidence": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"sentiment": "POSITIVE"}', "missing required key 'confidence'"),
+        ('{"sentiment": "GREAT", "confidence": 1}', "is not one of"),
+        ('{"sentiment": "POSITIVE", "confidence": "high"}', "expected number"),
+        ('{"sentiment": "POSITIVE", "confidence": 1, "x": 1}', "unexpected key 'x'"),
+        ('["POSITIVE"]', "expected object"),
+    ],
+)
+def test_an_answer_that_breaks_the_schema_is_a_row_failure(content: str, problem: str) -> None:
+    failure = failure_of(answer(content=content), schema_settings())
+    assert failure.kind is FailureKind.ROW
+    assert failure.reason == "schema_mismatch"
+    assert problem in failure.message
+
+
+def test_json_cut_by_max_tokens_says_so() -> None:
+    failure = failure_of(
+        answer(content='{"sentiment": "POS', finish_reason="length"), schema_settings()
+    )
+    assert failure.reason == "invalid_json_response"
+    assert "cut by max_tokens" in failure.message
+
+
+def test_json_schema_needs_a_schema() -> None:
+    with pytest.raises(ValueError):
+        settings(response_format="json_schema")
+
+
+def test_a_length_finish_is_kept_and_marked_truncated() -> None:
+    completion = parse_completion(answer(finish_reason="length"), settings())
+    assert completion.finish_reason == "length"
+    assert completion.truncated
+    assert not parse_completion(answer(), settings()).truncated
+
+
+def test_an_openrouter_finish_reason_error_is_transient() -> None:
+    body = answer()
+    body["choices"][0]["finish_reason"] = "error"
+    body["choices"][0]["native_finish_reason"] = "upstream_error"
+    failure = failure_of(body)
+    assert failure.kind is FailureKind.TRANSIENT
+    assert "upstream_error" in failure.message
+
+
+def test_estimated_tokens_are_prompt_chars_over_four_plus_max_tokens() -> None:
+    client = ChatClient(settings(max_tokens=100))
+    assert client.estimated_tokens([{"role": "user", "content": "x" * 40}]) == 10 + 4 + 100
+
+
+def test_the_pool_is_at_least_the_limiters_max() -> None:
+    llm = settings(concurrency={"initial": 10, "min": 1, "max": 300})
+    assert ChatClient(llm).pool_size >= 300
+
+
+async def test_a_connect_or_pool_timeout_is_transient_not_congestion() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.PoolTimeout("no connection free")
+
+    client = ChatClient(settings(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    with pytest.raises(LLMFailure) as caught:
+        await client.complete(MESSAGES)
+    assert caught.value.kind is FailureKind.TRANSIENT
+
+
+async def test_a_read_timeout_is_congestion() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow")
+
+    client = ChatClient(settings(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    with pytest.raises(LLMFailure) as caught:
+        await client.complete(MESSAGES)
+    assert caught.value.kind is FailureKind.BACKPRESSURE
+
+
+def ok_response() -> httpx.Response:
+    return httpx.Response(200, content=orjson.dumps(answer()))
+
+
+async def test_azure_entra_token_is_sent_as_bearer_and_read_again_once_on_401(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("old-token\n")
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        if request.headers["authorization"] == "Bearer old-token":
+            return httpx.Response(401, json={"error": {"code": "401", "message": "expired"}})
+        return ok_response()
+
+    llm = azure(api_key=None, azure_ad_token_file=token_file)
+    client = ChatClient(llm, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    token_file.write_text("new-token\n")
+    completion = await client.complete(MESSAGES)
+    assert completion.content == "hello"
+    assert seen == ["Bearer old-token", "Bearer new-token"]
+    assert "api-key" not in request_headers(llm, "t")
+
+
+async def test_a_401_that_survives_the_refresh_is_systemic(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers["authorization"])
+        return httpx.Response(401, json={"error": {"code": "401", "message": "no"}})
+
+    llm = azure(api_key=None, azure_ad_token_command=["echo", "cmd-token"])
+    client = ChatClient(llm, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    with pytest.raises(LLMFailure) as caught:
+        await client.complete(MESSAGES)
+    assert caught.value.kind is FailureKind.SYSTEMIC
+    assert calls == ["Bearer cmd-token", "Bearer cmd-token"]  # read once more, then given up
+
+
+def test_token_settings_are_azure_only_and_exclusive() -> None:
+    with pytest.raises(ValueError):
+        settings(azure_ad_token="t")
+    with pytest.raises(ValueError):
+        azure(azure_ad_token="t")  # api_key is set too

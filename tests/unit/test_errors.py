@@ -225,3 +225,8 @@ def test_row_error_as_dict() -> None:
         "attempts": 6,
         "retryable": True,
     }
+
+
+def test_azure_spells_the_wait_out_in_the_message() -> None:
+    body = {"error": {"code": "429", "message": "... Please retry after 6 seconds. Please go"}}
+    assert retry_after_seconds({}, body) == 6.0

@@ -7,6 +7,9 @@ from collections import deque
 
 import pytest
 
+from consumer.config import ConcurrencySettings
+from consumer.llm.budgets import RetryBudget
+from consumer.llm.errors import FailureKind, LLMFailure
 from consumer.llm.limiter import AIMDLimiter, Ticket
 
 
@@ -287,3 +290,195 @@ async def test_a_release_between_cancel_and_resume_does_not_break_the_cancel() -
     assert lim.state().in_flight == 0
     assert lim.state().waiting == 0
     assert lim.try_acquire() is not None
+
+
+# ---- gentle probing near the last congestion level ------------------------------------------
+
+
+def congest_once(lim: AIMDLimiter, clock: FakeClock) -> None:
+    ticket = lim.try_acquire()
+    assert ticket is not None
+    clock.now += 1.0
+    lim.on_congestion(ticket)
+    clock.now += 1.0
+
+
+def test_after_a_cut_the_limit_climbs_fast_then_probes_gently_near_the_old_level() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(20, 1, 100, decrease_factor=0.5, clock=clock, probe_step=0.1)
+    congest_once(lim, clock)
+    assert lim.limit == 10.0
+    assert lim.state().ceiling == 20.0
+    in_flight = deque(fill(lim))
+    run_saturated(lim, in_flight, 10)
+    before = lim.limit
+    run_saturated(lim, in_flight, round(before))  # one round trip far below the ceiling
+    assert 0.9 <= lim.limit - before <= 1.0
+    while lim.limit < 19.0:
+        run_saturated(lim, in_flight, 1)
+    before = lim.limit
+    run_saturated(lim, in_flight, round(before))  # one round trip near the ceiling
+    assert 0.05 <= lim.limit - before <= 0.1
+
+
+def test_well_past_the_old_level_without_congestion_full_steps_come_back() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(20, 1, 100, decrease_factor=0.5, clock=clock, probe_step=0.1)
+    congest_once(lim, clock)
+    in_flight = deque(fill(lim))
+    while lim.limit < 21.0:
+        run_saturated(lim, in_flight, 1)
+    run_saturated(lim, in_flight, 1)  # the next success notices it is past the old level
+    assert lim.state().ceiling is None
+    before = lim.limit
+    run_saturated(lim, in_flight, round(before) + 2)
+    assert lim.limit - before >= 0.9
+
+
+def test_probe_step_none_is_plain_aimd() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(20, 1, 100, decrease_factor=0.95, clock=clock, probe_step=None)
+    congest_once(lim, clock)
+    in_flight = deque(fill(lim))
+    run_saturated(lim, in_flight, 40)
+    before = lim.limit
+    run_saturated(lim, in_flight, round(before))
+    assert 0.9 <= lim.limit - before <= 1.0
+
+
+# ---- round trips and the latency signal ------------------------------------------------------
+
+
+def test_round_trips_are_sampled_from_successes_only() -> None:
+    clock = FakeClock()
+    lim = limiter(clock=clock)
+    fast_429 = lim.try_acquire()
+    assert fast_429 is not None
+    clock.now = 0.001
+    lim.on_congestion(fast_429)
+    assert lim.state().rtt_s is None
+    ok = lim.try_acquire()
+    assert ok is not None
+    clock.now += 0.5
+    lim.on_success(ok)
+    assert lim.state().rtt_s == pytest.approx(0.5)
+    assert lim.state().min_rtt_s == pytest.approx(0.5)
+
+
+def test_latency_signal_off_by_default_ignores_slow_answers() -> None:
+    clock = FakeClock()
+    lim = limiter(clock=clock)
+    for rtt in (0.1, 0.1, 1.0):
+        ticket = lim.try_acquire()
+        assert ticket is not None
+        clock.now += rtt
+        lim.on_success(ticket)
+    assert lim.state().decreases == 0
+
+
+def test_latency_signal_cuts_once_when_answers_queue() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(10, 1, 100, decrease_factor=0.5, clock=clock, latency_signal=True)
+    for _ in range(5):
+        ticket = lim.try_acquire()
+        assert ticket is not None
+        clock.now += 0.1
+        lim.on_success(ticket)
+    assert lim.state().decreases == 0
+    slow = [lim.try_acquire() for _ in range(3)]
+    clock.now += 0.35  # 3.5 x the floor: the server is queueing
+    for ticket in slow:
+        assert ticket is not None
+        lim.on_success(ticket)
+    assert lim.state().decreases == 1  # three slow answers of one event: one cut
+    assert lim.limit == 5.0
+
+
+# ---- Retry-After re-entry ramp -------------------------------------------------------------
+
+
+def test_after_the_gate_the_permits_come_back_over_a_ramp() -> None:
+    clock = FakeClock()
+    lim = limiter(initial=10, clock=clock, rng=0.0, jitter=0.5)
+    lim.defer(2.0)  # gate until 2.0, then a ramp of 1.0 s
+    clock.now = 2.0
+    assert len(fill(lim)) == 1
+    clock.now = 2.5
+    assert len(fill(lim)) == 4  # half the permits
+    clock.now = 3.0
+    assert len(fill(lim)) == 5
+    assert lim.state().in_flight == 10
+
+
+async def test_waiters_blocked_by_the_gate_are_woken_when_it_opens() -> None:
+    lim = AIMDLimiter(4, 1, 4, retry_after_jitter=0.0)
+    lim.defer(0.05)
+    waiters = [asyncio.create_task(lim.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert lim.state().waiting == 3
+    await asyncio.wait_for(asyncio.gather(*waiters), 2.0)
+    assert lim.state().in_flight == 3
+
+
+# ---- RPM / TPM budgets -----------------------------------------------------------------------
+
+
+def test_rpm_budget_admits_a_ten_second_burst_then_the_refill_rate() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(100, 1, 100, clock=clock, requests_per_minute=60)
+    assert len(fill(lim)) == 10  # 10 s worth of 60 RPM
+    clock.now = 1.0
+    assert len(fill(lim)) == 1
+    assert lim.state().rpm_tokens == pytest.approx(0.0)
+
+
+def test_tpm_budget_charges_the_estimate_and_reconciles_with_usage() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(100, 1, 100, clock=clock, tokens_per_minute=1000)
+    first = lim.try_acquire(tokens=600)
+    assert first is not None
+    assert lim.try_acquire(tokens=600) is None  # 400 left
+    lim.on_success(first, used_tokens=100)  # it used far less than estimated
+    assert lim.state().tpm_tokens == pytest.approx(900.0)
+    assert lim.try_acquire(tokens=600) is not None
+
+
+def test_a_request_bigger_than_the_whole_token_budget_fails_fast() -> None:
+    lim = AIMDLimiter(10, 1, 10, tokens_per_minute=1000)
+    with pytest.raises(LLMFailure) as caught:
+        lim.try_acquire(tokens=1001)
+    assert caught.value.reason == "exceeds_token_budget"
+    assert caught.value.kind is FailureKind.ROW
+
+
+async def test_acquire_of_a_too_big_request_raises_instead_of_hanging() -> None:
+    lim = AIMDLimiter(10, 1, 10, tokens_per_minute=1000)
+    with pytest.raises(LLMFailure):
+        await asyncio.wait_for(lim.acquire(tokens=5000), 1.0)
+    assert lim.state().waiting == 0
+
+
+async def test_a_waiter_for_tokens_is_woken_by_the_refill() -> None:
+    lim = AIMDLimiter(10, 1, 10, tokens_per_minute=60_000)  # 1000 tokens a second
+    first = lim.try_acquire(tokens=60_000)
+    assert first is not None
+    waiter = asyncio.create_task(lim.acquire(tokens=50))  # fits after ~50 ms
+    ticket = await asyncio.wait_for(waiter, 2.0)
+    assert ticket.tokens == 50
+
+
+def test_from_settings_uses_every_knob() -> None:
+    settings = ConcurrencySettings(
+        initial=4, min=2, max=8, latency_signal=True, requests_per_minute=600
+    )
+    lim = AIMDLimiter.from_settings(settings)
+    assert lim.limit == 4.0
+    assert lim.state().rpm_tokens == pytest.approx(100.0)
+
+
+def test_state_shows_the_retry_budget_once_attached() -> None:
+    clock = FakeClock()
+    lim = limiter(clock=clock)
+    assert lim.state().retry_budget_tokens is None
+    lim.retry_budget = RetryBudget(ratio=0.1, min_per_s=1.0, window_s=10.0, clock=clock)
+    assert lim.state().retry_budget_tokens == pytest.approx(10.0)
