@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: install demo test unit integration faults lint typecheck schemas bench kafka-start kafka-stop clean
+.PHONY: install demo test unit integration faults lint typecheck schemas bench kafka-start kafka-stop clean validate-deploy
 
 # Idempotent: the venv is rebuilt only when pyproject.toml changes; pip's cache serves wheels.
 $(STAMP): pyproject.toml
@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: install
 	bash examples/sentiment/demo.sh
 
-test: install lint typecheck
+test: install lint typecheck validate-deploy
 	$(BIN)/pytest -q -ra
 
 unit: $(STAMP)
@@ -38,6 +38,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Offline: Kubernetes/KEDA schemas, compose-spec, Dockerfile rules, dashboard metric names.
+validate-deploy: $(STAMP)
+	$(BIN)/python deploy/validate.py
 
 # The exported schemas must match the models; `make schemas` rewrites them.
 schemas: $(STAMP)

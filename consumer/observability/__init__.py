@@ -1,1 +1,6 @@
-"""Logging now; metrics and health endpoints belong here too."""
+"""Operating the consumer: structured logs, Prometheus metrics, health and readiness endpoints."""
+
+from consumer.observability.metrics import Metrics
+from consumer.observability.server import Observability
+
+__all__ = ["Metrics", "Observability"]

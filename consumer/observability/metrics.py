@@ -1,0 +1,280 @@
+"""Prometheus metrics: one small facade the app calls, one registry per app.
+
+The app calls a handful of methods (`consumed`, `window_done`, `committed`, ...) so that its
+own code gains one line per hook; the metric objects, names and labels live here only.
+Each `Metrics` owns its `CollectorRegistry` (not the process-global one), so tests can build
+several apps in one process. Gauges that mirror live state (the limiter, held-back) are read at
+scrape time through callbacks instead of being pushed.
+
+LLM attempts are recorded by `llm_attempt(provider, status, seconds)` through `attempt_hook()`,
+given to `LLMCaller(on_attempt=...)`. Retries are counted per window as attempts minus rows that
+reached the provider.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from consumer import __version__
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
+    from consumer.enrich.outcome import RowOutcome
+    from consumer.llm.client import Completion
+    from consumer.llm.limiter import AIMDLimiter
+    from consumer.window import Window
+
+PREFIX = "llm_consumer"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_WINDOW_ROWS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+_WINDOW_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_LLM_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+_COMMIT_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def attempt_status(status_code: int | None, reason: str | None) -> str:
+    """The `status` label: the HTTP code, or the failure reason when there was no answer."""
+    if status_code is not None:
+        return str(status_code)
+    return reason or "error"
+
+
+class Metrics:
+    """Every metric of one consumer process, and the calls the app makes to update them."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.provider = settings.llm.provider if settings is not None else "unknown"
+        self._started = time.time()
+        self._attempts = 0
+        self._last_commit = 0.0
+        r = self.registry
+        self.info = Info(PREFIX, "Version and provider of this consumer.", registry=r)
+        self.rows_consumed = Counter(
+            f"{PREFIX}_rows_consumed", "Input messages read from the input topic.", registry=r
+        )
+        self.rows_produced = Counter(
+            f"{PREFIX}_rows_produced",
+            "Outputs acknowledged by the broker (enriched rows and rows carrying an error).",
+            registry=r,
+        )
+        self.row_errors = Counter(
+            f"{PREFIX}_row_errors",
+            "Outputs carrying {rf}_error, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            f"{PREFIX}_dead_letters",
+            "Input messages sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.windows = Counter(
+            f"{PREFIX}_windows",
+            "Windows processed, by close reason (count, time, shutdown, revoke).",
+            ["close_reason"],
+            registry=r,
+        )
+        self.window_rows = Histogram(
+            f"{PREFIX}_window_rows",
+            "Messages per processed window.",
+            buckets=_WINDOW_ROWS_BUCKETS,
+            registry=r,
+        )
+        self.window_seconds = Histogram(
+            f"{PREFIX}_window_seconds",
+            "Time to enrich, deliver and commit one window (including held-back retries).",
+            buckets=_WINDOW_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.llm_request_seconds = Histogram(
+            f"{PREFIX}_llm_request_seconds",
+            "Latency of each LLM attempt, by provider and status (HTTP code or failure reason).",
+            ["provider", "status"],
+            buckets=_LLM_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.llm_retries = Counter(
+            f"{PREFIX}_llm_retries",
+            "LLM attempts beyond the first for a row (per-row and held-back window retries).",
+            ["provider"],
+            registry=r,
+        )
+        self.llm_rate_limited = Counter(
+            f"{PREFIX}_llm_rate_limited",
+            "LLM attempts answered with HTTP 429.",
+            ["provider"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            f"{PREFIX}_llm_tokens",
+            "Tokens used by successful completions, by model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.limiter_limit = Gauge(
+            f"{PREFIX}_limiter_limit", "Current AIMD concurrency limit.", registry=r
+        )
+        self.limiter_in_flight = Gauge(
+            f"{PREFIX}_limiter_in_flight", "LLM requests admitted and not finished.", registry=r
+        )
+        self.limiter_waiting = Gauge(
+            f"{PREFIX}_limiter_waiting", "LLM requests queued for admission.", registry=r
+        )
+        self.limiter_decreases = Gauge(
+            f"{PREFIX}_limiter_decreases",
+            "Multiplicative decreases of the limit since start (congestion events).",
+            registry=r,
+        )
+        self.lag = Gauge(
+            f"{PREFIX}_consumer_lag",
+            "Messages behind: high watermark minus committed offset, per assigned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            f"{PREFIX}_assigned_partitions", "Input partitions assigned to this member.", registry=r
+        )
+        self.commit_seconds = Histogram(
+            f"{PREFIX}_commit_seconds",
+            "Latency of offset commits.",
+            buckets=_COMMIT_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.last_commit_timestamp = Gauge(
+            f"{PREFIX}_last_commit_timestamp_seconds",
+            "Unix time of the last successful offset commit (0 before the first).",
+            registry=r,
+        )
+        self.seconds_since_last_commit = Gauge(
+            f"{PREFIX}_seconds_since_last_commit",
+            "Seconds since the last successful commit (since start before the first).",
+            registry=r,
+        )
+        self.seconds_since_last_commit.set_function(
+            lambda: time.time() - (self._last_commit or self._started)
+        )
+        self.held_back = Gauge(
+            f"{PREFIX}_held_back",
+            "1 while a window is held back because the provider is failing.",
+            registry=r,
+        )
+        self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz answers 200.", registry=r)
+        self.event_loop_lag = Gauge(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the last 1 s heartbeat sleep woke up (a blocked event loop shows here).",
+            registry=r,
+        )
+        if settings is not None:
+            self.info.info(
+                {
+                    "version": __version__,
+                    "provider": settings.llm.provider,
+                    "model": settings.llm.model_name,
+                    "input_topic": settings.kafka.input_topic,
+                    "group": settings.kafka.group_id,
+                }
+            )
+
+    # ---- live state read at scrape time ---------------------------------------------------
+
+    def watch_limiter(self, limiter: AIMDLimiter) -> None:
+        self.limiter_limit.set_function(lambda: limiter.state().limit)
+        self.limiter_in_flight.set_function(lambda: limiter.state().in_flight)
+        self.limiter_waiting.set_function(lambda: limiter.state().waiting)
+        self.limiter_decreases.set_function(lambda: limiter.state().decreases)
+
+    def watch_held_back(self, held_back: Callable[[], bool]) -> None:
+        self.held_back.set_function(lambda: 1.0 if held_back() else 0.0)
+
+    # ---- the app's hooks ------------------------------------------------------------------
+
+    def consumed(self, count: int = 1) -> None:
+        self.rows_consumed.inc(count)
+
+    def window_done(self, window: Window, outcomes: Sequence[RowOutcome], seconds: float) -> None:
+        """A window's outputs and dead letters were acknowledged: count everything in it."""
+        self.windows.labels(str(window.close_reason or "unknown")).inc()
+        self.window_rows.observe(len(window.items))
+        self.window_seconds.observe(seconds)
+        for item in window.items:
+            if item.dead_letter is not None:
+                self.dead_letter(item.dead_letter.reason)
+        self.rows_produced.inc(len(outcomes))
+        reached = 0
+        for outcome in outcomes:
+            if outcome.error is not None:
+                self.row_errors.labels(outcome.error.reason).inc()
+            if outcome.completion is not None:
+                self.completion(outcome.completion)
+            if outcome.error is None or outcome.error.reason != "template_error":
+                reached += 1
+        retries, self._attempts = max(0, self._attempts - reached), 0
+        if retries:
+            self.llm_retries.labels(self.provider).inc(retries)
+
+    def dead_letter(self, reason: str) -> None:
+        self.dead_letters.labels(reason).inc()
+
+    def completion(self, completion: Completion) -> None:
+        self.tokens_used(
+            completion.model, completion.usage.prompt_tokens, completion.usage.completion_tokens
+        )
+
+    def tokens_used(self, model: str, prompt: int, completion: int) -> None:
+        self.tokens.labels(model, "prompt").inc(prompt)
+        self.tokens.labels(model, "completion").inc(completion)
+
+    def committed(self, seconds: float) -> None:
+        self.commit_seconds.observe(seconds)
+        self._last_commit = time.time()
+        self.last_commit_timestamp.set(self._last_commit)
+
+    def llm_attempt(self, provider: str, status: str, seconds: float) -> None:
+        self._attempts += 1
+        self.llm_request_seconds.labels(provider, status).observe(seconds)
+        if status == "429":
+            self.llm_rate_limited.labels(provider).inc()
+
+    def attempt_hook(self) -> Callable[[str, float], None]:
+        """For `LLMCaller(on_attempt=...)`: called once per attempt with (status, seconds)."""
+        provider = self.provider
+
+        def on_attempt(status: str, seconds: float) -> None:
+            self.llm_attempt(provider, status, seconds)
+
+        return on_attempt
+
+    def set_lag(self, lags: Iterable[tuple[str, int, int]]) -> None:
+        """Replace the per-partition lag series with (topic, partition, lag) of the assignment."""
+        self.lag.clear()
+        count = 0
+        for topic, partition, lag in lags:
+            self.lag.labels(topic, str(partition)).set(lag)
+            count += 1
+        self.assigned_partitions.set(count)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """`name{labels}` -> value of a scrape (for tests and quick checks); labels sorted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+__all__ = ["CONTENT_TYPE", "Metrics", "attempt_status", "parse_exposition"]

@@ -1,0 +1,558 @@
+"""Offline checks of everything in deploy/: run by `make validate-deploy` (part of `make test`).
+
+- Kubernetes manifests: the JSON schemas bundled by `kubernetes-validate` (strict: unknown fields
+  fail), a hand-written schema subset for KEDA's ScaledObject/TriggerAuthentication, and
+  cross-file checks (selectors, probes on the configured port, graceful termination longer than
+  the shutdown grace, the ConfigMap's settings valid for this version of the consumer).
+- compose.yaml: the compose-spec JSON schema vendored by `check-jsonschema`, plus the demo's
+  shape (apache/kafka in KRaft mode, fake LLM, one-shot publisher, consumer).
+- Dockerfile: parsed with `dockerfile-parse`: multi-stage, slim base, non-root USER, no build
+  tools in the final stage, `llm-consumer` entry point running `run`.
+- Grafana dashboard: valid JSON whose queries only use metric names the consumer exports.
+
+Nothing here needs a network, a cluster or a Docker daemon. Exit code 1 lists every problem.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+from dockerfile_parse import DockerfileParser
+
+DEPLOY = Path(__file__).resolve().parent
+ROOT = DEPLOY.parent
+K8S_VERSION = "1.30.0"
+KEDA_API = "keda.sh/v1alpha1"
+_BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|make|build-essential|clang|cargo|rustc)\b")
+
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+    },
+}
+# The part of KEDA's CRDs (keda.sh/v1alpha1) these manifests use; unknown keys are errors.
+KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ScaledObject": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": KEDA_API},
+            "kind": {"const": "ScaledObject"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "name": {"type": "string"},
+                            "envSourceContainerName": {"type": "string"},
+                        },
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "idleReplicaCount": {"type": "integer", "minimum": 0},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                    "fallback": {
+                        "type": "object",
+                        "required": ["failureThreshold", "replicas"],
+                        "properties": {
+                            "failureThreshold": {"type": "integer"},
+                            "replicas": {"type": "integer"},
+                        },
+                    },
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "restoreToOriginalReplicaCount": {"type": "boolean"},
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "behavior": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {"type": "string"},
+                                "name": {"type": "string"},
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                "useCachedMetrics": {"type": "boolean"},
+                                "metadata": _STRING_MAP,
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                    "properties": {
+                                        "name": {"type": "string"},
+                                        "kind": {
+                                            "enum": [
+                                                "TriggerAuthentication",
+                                                "ClusterTriggerAuthentication",
+                                            ]
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "TriggerAuthentication": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": KEDA_API},
+            "kind": {"const": "TriggerAuthentication"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["parameter", "name", "key"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "parameter": {"type": "string"},
+                                "name": {"type": "string"},
+                                "key": {"type": "string"},
+                            },
+                        },
+                    },
+                    "env": {"type": "array"},
+                    "podIdentity": {"type": "object"},
+                },
+            },
+        },
+    },
+}
+# The kafka scaler's metadata keys (KEDA 2.x); a typo here would silently never scale.
+KEDA_KAFKA_KEYS = {
+    "bootstrapServers",
+    "consumerGroup",
+    "topic",
+    "lagThreshold",
+    "activationLagThreshold",
+    "offsetResetPolicy",
+    "allowIdleConsumers",
+    "excludePersistentLag",
+    "scaleToZeroOnInvalidOffset",
+    "limitToPartitionsWithLag",
+    "partitionLimitation",
+    "version",
+    "sasl",
+    "tls",
+}
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+class Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def check(self, ok: object, where: str, message: str) -> None:
+        if not ok:
+            self.items.append(f"{where}: {message}")
+
+
+# ---- Kubernetes ------------------------------------------------------------------------------
+
+
+def load_manifests(directory: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in sorted(directory.glob("*.yaml")):
+        for index, document in enumerate(yaml.safe_load_all(path.read_text())):
+            if document is not None:
+                yield f"{_rel(path)}#{index}", document
+
+
+def check_kubernetes(problems: Problems, directory: Path = DEPLOY / "k8s") -> None:
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    kustomization: dict[str, Any] | None = None
+    files = {path.name for path in directory.glob("*.yaml")}
+    for where, doc in load_manifests(directory):
+        kind = str(doc.get("kind"))
+        if kind == "Kustomization":
+            kustomization = doc
+            listed = set(doc.get("resources", []))
+            problems.check(
+                listed == files - {"kustomization.yaml"},
+                where,
+                f"resources {sorted(listed)} differ from the files {sorted(files)}",
+            )
+            continue
+        by_kind.setdefault(kind, []).append(doc)
+        if doc.get("apiVersion") == KEDA_API:
+            schema = KEDA_SCHEMAS.get(kind)
+            if schema is None:
+                problems.check(False, where, f"no schema for KEDA kind {kind}")
+                continue
+            for error in jsonschema.Draft202012Validator(schema).iter_errors(doc):
+                path = "/".join(map(str, error.absolute_path))
+                problems.check(False, f"{where} {kind} {path}", error.message)
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = "/".join(map(str, error.path))
+            problems.check(False, f"{where} {kind} {path}", error.message)
+        except kubernetes_validate.SchemaNotFoundError as error:
+            problems.check(False, where, str(error))
+    problems.check(kustomization is not None, "deploy/k8s", "no kustomization.yaml")
+    check_kubernetes_consistency(problems, by_kind)
+
+
+def _one(problems: Problems, by_kind: dict[str, list[dict[str, Any]]], kind: str) -> Any:
+    docs = by_kind.get(kind, [])
+    problems.check(docs, "deploy/k8s", f"needs a {kind}")
+    return docs[0] if docs else None
+
+
+def check_kubernetes_consistency(
+    problems: Problems, by_kind: dict[str, list[dict[str, Any]]]
+) -> None:
+    from consumer.config import Settings, parse_settings
+
+    deployment = _one(problems, by_kind, "Deployment")
+    configmap = _one(problems, by_kind, "ConfigMap")
+    service = _one(problems, by_kind, "Service")
+    pdb = _one(problems, by_kind, "PodDisruptionBudget")
+    scaled = _one(problems, by_kind, "ScaledObject")
+    secrets = {s["metadata"]["name"]: s for s in by_kind.get("Secret", [])}
+    if not (deployment and configmap and service and pdb and scaled):
+        return
+    where = "deploy/k8s/configmap.yaml"
+    settings: Settings | None = None
+    raw = yaml.safe_load(configmap["data"].get("settings.yaml", "{}"))
+    env = {k: "x" for s in secrets.values() for k in s.get("stringData", {})}
+    try:
+        settings = parse_settings(raw, "configmap settings.yaml", environ=env)
+    except Exception as error:
+        problems.check(False, where, f"settings.yaml is not valid for llm-consumer: {error}")
+    if settings is not None and settings.llm.template_file is not None:
+        name = str(settings.llm.template_file)
+        problems.check(name in configmap["data"], where, f"template_file {name} is not a key")
+
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"].get("labels", {})
+    where = "deploy/k8s/deployment.yaml"
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    security = spec.get("securityContext", {})
+    problems.check(security.get("runAsNonRoot") is True, where, "pod needs runAsNonRoot: true")
+    problems.check(security.get("runAsUser", 0) != 0, where, "pod must not run as uid 0")
+    csec = container.get("securityContext", {})
+    problems.check(csec.get("allowPrivilegeEscalation") is False, where, "no privilege escalation")
+    resources_ = container.get("resources", {})
+    problems.check(resources_.get("requests"), where, "container needs resource requests")
+    problems.check(resources_.get("limits", {}).get("memory"), where, "container needs a mem limit")
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    probes = {
+        name: container.get(name, {}).get("httpGet", {})
+        for name in ("livenessProbe", "readinessProbe", "startupProbe")
+    }
+    problems.check(probes["livenessProbe"].get("path") == "/healthz", where, "liveness /healthz")
+    problems.check(probes["readinessProbe"].get("path") == "/readyz", where, "readiness /readyz")
+    if settings is not None:
+        port = settings.observability.port
+        problems.check(port != 0, where, "observability.port is 0: no probes can answer")
+        for name, probe in probes.items():
+            target = probe.get("port")
+            resolved = ports.get(target) if isinstance(target, str) else target
+            problems.check(resolved == port, where, f"{name} port {target} is not {port}")
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        problems.check(
+            grace > settings.delivery.shutdown_grace_s + 5,
+            where,
+            f"terminationGracePeriodSeconds {grace} must exceed delivery.shutdown_grace_s "
+            f"({settings.delivery.shutdown_grace_s}) with room to commit",
+        )
+        trigger = scaled["spec"]["triggers"][0]["metadata"]
+        problems.check(
+            trigger.get("consumerGroup") == settings.kafka.group_id,
+            "deploy/k8s/scaledobject.yaml",
+            "consumerGroup differs from kafka.group_id in the ConfigMap",
+        )
+        problems.check(
+            trigger.get("topic") == settings.kafka.input_topic,
+            "deploy/k8s/scaledobject.yaml",
+            "topic differs from kafka.input_topic in the ConfigMap",
+        )
+    for ref in container.get("envFrom", []):
+        name = ref.get("secretRef", {}).get("name")
+        problems.check(name is None or name in secrets, where, f"secret {name} is not defined")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    cm_names = {v["configMap"]["name"] for v in volumes.values() if "configMap" in v}
+    problems.check(configmap["metadata"]["name"] in cm_names, where, "ConfigMap is not mounted")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    problems.check(
+        all(labels.get(k) == v for k, v in selector.items()), where, "selector/labels mismatch"
+    )
+    for kind, sel in (
+        ("Service", service["spec"].get("selector", {})),
+        ("PodDisruptionBudget", pdb["spec"]["selector"].get("matchLabels", {})),
+    ):
+        problems.check(
+            sel and all(labels.get(k) == v for k, v in sel.items()),
+            f"deploy/k8s {kind}",
+            "selector does not match the Deployment's pods",
+        )
+    for port in service["spec"]["ports"]:
+        target = port.get("targetPort")
+        problems.check(
+            target in ports or target in ports.values(),
+            "deploy/k8s/service.yaml",
+            f"targetPort {target} is not a container port",
+        )
+
+    where = "deploy/k8s/scaledobject.yaml"
+    sspec = scaled["spec"]
+    problems.check(
+        sspec["scaleTargetRef"]["name"] == deployment["metadata"]["name"],
+        where,
+        "scaleTargetRef does not name the Deployment",
+    )
+    problems.check("maxReplicaCount" in sspec, where, "set maxReplicaCount (= partitions)")
+    for trigger in sspec["triggers"]:
+        problems.check(trigger["type"] == "kafka", where, "the trigger must be kafka (lag)")
+        meta = trigger["metadata"]
+        unknown = set(meta) - KEDA_KAFKA_KEYS
+        problems.check(not unknown, where, f"unknown kafka scaler keys {sorted(unknown)}")
+        for key in ("bootstrapServers", "consumerGroup", "topic", "lagThreshold"):
+            problems.check(key in meta, where, f"kafka trigger needs {key}")
+        problems.check(
+            meta.get("allowIdleConsumers", "false") == "false",
+            where,
+            "allowIdleConsumers must stay false: more members than partitions sit idle",
+        )
+        auth = trigger.get("authenticationRef", {}).get("name")
+        names = {d["metadata"]["name"] for d in by_kind.get("TriggerAuthentication", [])}
+        problems.check(auth is None or auth in names, where, f"no TriggerAuthentication {auth}")
+    for auth in by_kind.get("TriggerAuthentication", []):
+        for ref in auth["spec"].get("secretTargetRef", []):
+            secret = secrets.get(ref["name"], {})
+            problems.check(
+                ref["key"] in secret.get("stringData", {}) or ref["key"] in secret.get("data", {}),
+                where,
+                f"TriggerAuthentication refers to missing {ref['name']}/{ref['key']}",
+            )
+
+
+# ---- compose ---------------------------------------------------------------------------------
+
+
+def compose_schema() -> dict[str, Any]:
+    vendor = resources.files("check_jsonschema.builtin_schemas.vendor")
+    schema: dict[str, Any] = json.loads(vendor.joinpath("compose-spec.json").read_text())
+    return schema
+
+
+def check_compose(problems: Problems, path: Path = DEPLOY / "compose.yaml") -> None:
+    where = _rel(path)
+    doc = yaml.safe_load(path.read_text())
+    schema = compose_schema()
+    validator_class = jsonschema.validators.validator_for(schema)
+    for error in validator_class(schema).iter_errors(doc):
+        problems.check(False, f"{where} {'/'.join(map(str, error.absolute_path))}", error.message)
+    services = doc.get("services", {})
+    for name in ("kafka", "fake-llm", "publisher", "consumer"):
+        problems.check(name in services, where, f"needs a {name} service")
+    if not {"kafka", "consumer", "publisher", "fake-llm"} <= set(services):
+        return
+    kafka = services["kafka"]
+    problems.check(str(kafka.get("image", "")).startswith("apache/kafka:"), where, "apache/kafka")
+    env = kafka.get("environment", {})
+    problems.check(
+        "controller" in str(env.get("KAFKA_PROCESS_ROLES", "")), where, "Kafka in KRaft mode"
+    )
+    consumer = services["consumer"]
+    problems.check(consumer.get("command", [None])[0] == "run", where, "consumer runs `run`")
+    problems.check(
+        services["publisher"].get("restart") == "no", where, "the publisher runs once (no restart)"
+    )
+    deps = consumer.get("depends_on", {})
+    problems.check(
+        deps.get("publisher", {}).get("condition") == "service_completed_successfully",
+        where,
+        "the consumer starts after the publisher finished",
+    )
+    for name, service in services.items():
+        if "build" in service:
+            build = service["build"]
+            dockerfile = (path.parent / build["context"] / build["dockerfile"]).resolve()
+            problems.check(dockerfile.is_file(), where, f"{name}: no Dockerfile at {dockerfile}")
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith("."):
+                problems.check(
+                    (path.parent / source).exists(), where, f"{name}: {source} does not exist"
+                )
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------
+
+
+def check_dockerfile(problems: Problems, path: Path = DEPLOY / "Dockerfile") -> None:
+    where = _rel(path)
+    parser = DockerfileParser(path=str(path))
+    instructions = parser.structure
+    stages: list[list[dict[str, Any]]] = []
+    for instruction in instructions:
+        if instruction["instruction"] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(instruction)
+    problems.check(len(stages) >= 2, where, "must be multi-stage (build, runtime)")
+    if not stages:
+        return
+    final = stages[-1]
+    base = parser.baseimage or ""
+    args = {
+        i["value"].split("=", 1)[0]: i["value"].split("=", 1)[1]
+        for i in instructions[: len(instructions)]
+        if i["instruction"] == "ARG" and "=" in i["value"]
+    }
+    for name, value in args.items():
+        base = base.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    problems.check(
+        base.startswith("python:") and "slim" in base, where, f"final base {base} is not slim"
+    )
+    users = [i["value"].strip() for i in final if i["instruction"] == "USER"]
+    problems.check(users, where, "the final stage needs a USER")
+    if users:
+        user = users[-1].split(":")[0]
+        problems.check(user not in {"root", "0"}, where, f"USER {user} is root")
+    problems.check(
+        any(i["instruction"] == "COPY" and "--from=" in i["value"] for i in final),
+        where,
+        "the final stage copies its install from the build stage",
+    )
+    for instruction in final:
+        if instruction["instruction"] == "RUN":
+            problems.check(
+                not _BUILD_TOOLS.search(instruction["value"]),
+                where,
+                f"build tools in the final stage: {instruction['value']}",
+            )
+    entry = [i["value"] for i in final if i["instruction"] == "ENTRYPOINT"]
+    cmd = [i["value"] for i in final if i["instruction"] == "CMD"]
+    problems.check(entry, where, "needs an ENTRYPOINT")
+    if entry:
+        problems.check(
+            json.loads(entry[-1]) == ["llm-consumer"], where, "ENTRYPOINT must be llm-consumer"
+        )
+    if cmd:
+        problems.check(json.loads(cmd[-1])[:1] == ["run"], where, "CMD must be `run -c FILE`")
+    exposed = " ".join(i["value"] for i in final if i["instruction"] == "EXPOSE")
+    problems.check("9464" in exposed, where, "EXPOSE the metrics port 9464")
+    for instruction in instructions:
+        if instruction["instruction"] == "COPY" and "--from=" not in instruction["value"]:
+            for source in instruction["value"].split()[:-1]:
+                problems.check((ROOT / source).exists(), where, f"COPY source {source} missing")
+
+
+# ---- Grafana ---------------------------------------------------------------------------------
+
+
+def exported_metric_names() -> set[str]:
+    from consumer.observability.metrics import Metrics
+
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        names.update(sample.name for sample in family.samples)
+        names.add(family.name)
+    # Histograms expose _bucket/_sum/_count; counters _total: all present after one sample.
+    return names
+
+
+def check_grafana(problems: Problems, directory: Path = DEPLOY / "grafana") -> None:
+    known = exported_metric_names()
+    known |= {f"{n}{suffix}" for n in known for suffix in ("_bucket", "_count", "_sum", "_total")}
+    dashboards = sorted(directory.glob("*.json"))
+    problems.check(dashboards, "deploy/grafana", "no dashboard JSON")
+    for path in dashboards:
+        where = _rel(path)
+        try:
+            board = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            problems.check(False, where, f"not JSON: {error}")
+            continue
+        problems.check(board.get("panels"), where, "no panels")
+        exprs = [
+            target.get("expr", "")
+            for panel in board.get("panels", [])
+            for target in panel.get("targets", [])
+        ]
+        problems.check(exprs, where, "no queries")
+        for expr in exprs:
+            for name in set(re.findall(r"\bllm_consumer_[a-z_]+", expr)):
+                problems.check(name in known, where, f"unknown metric {name} in {expr!r}")
+
+
+def validate() -> list[str]:
+    problems = Problems()
+    check_dockerfile(problems)
+    check_compose(problems)
+    check_kubernetes(problems)
+    check_grafana(problems)
+    return problems.items
+
+
+def main() -> int:
+    found = validate()
+    for problem in found:
+        print(problem, file=sys.stderr)
+    if found:
+        print(f"deploy/: {len(found)} problem(s)", file=sys.stderr)
+        return 1
+    print("deploy/: Dockerfile, compose.yaml, k8s/ and grafana/ are valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
