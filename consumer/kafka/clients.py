@@ -45,7 +45,8 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
         "session_timeout_ms": settings.session_timeout_ms,
         "heartbeat_interval_ms": settings.heartbeat_interval_ms,
         "max_poll_interval_ms": settings.max_poll_interval_ms,
-        "rebalance_timeout_ms": settings.session_timeout_ms,
+        "rebalance_timeout_ms": settings.rebalance_timeout_ms,
+        "group_instance_id": settings.group_instance_id,
         "isolation_level": "read_committed",
         "fetch_max_bytes": max(52_428_800, settings.max_row_bytes * 2),
         "max_partition_fetch_bytes": max(1_048_576, settings.max_row_bytes + 1024),
@@ -54,8 +55,11 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**options)
 
 
-def build_producer(settings: KafkaSettings, compression: str | None) -> AIOKafkaProducer:
+def build_producer(
+    settings: KafkaSettings, compression: str | None, transactional_id: str | None = None
+) -> AIOKafkaProducer:
     options: dict[str, Any] = {
+        "transactional_id": transactional_id,
         **connection_options(settings),
         "acks": "all",
         "enable_idempotence": True,

@@ -270,3 +270,10 @@ def broker_bootstrap() -> Iterator[str]:
     """Like :func:`kafka_broker`, yielding only the bootstrap address."""
     with kafka_broker() as handle:
         yield handle.bootstrap
+
+
+@contextlib.contextmanager
+def private_local_broker() -> Iterator[BrokerHandle]:
+    """A broker of the test's own (kafka.sh on free ports), for faults that stop the broker."""
+    with _local_broker() as handle:
+        yield handle

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,13 +140,18 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+async def end_offsets(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+    """The topic's end offset per partition (waits, bounded, for the topic's metadata)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, metadata_max_age_ms=500)
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        ends = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_s
+        while not consumer.assignment() and time.monotonic() < deadline:
+            await consumer.getmany(timeout_ms=200)
+        assigned = list(consumer.assignment())
+        if not assigned:
+            raise TimeoutError(f"topic {topic} has no partitions after {timeout_s} s")
+        ends = await consumer.end_offsets(assigned)
     finally:
         await consumer.stop()
     return {tp.partition: offset for tp, offset in ends.items()}
@@ -196,6 +201,7 @@ def settings_file(
         },
         "delivery": {"shutdown_grace_s": 15},
         "logging": {"format": "json", "level": "INFO"},
+        "observability": {"port": 0},
     }
     for name, values in sections.items():
         settings.setdefault(name, {}).update(values)

@@ -1,0 +1,98 @@
+"""Exactly-once delivery: one Kafka transaction per input partition and window.
+
+Outputs, dead letters and the input offset commit go into the same transaction, so a
+read_committed reader sees each input row's output exactly once, across crashes and rebalances.
+
+aiokafka implements only TxnOffsetCommit v0 (no KIP-447 group-metadata fencing), so zombies are
+fenced the older way, as Kafka Streams did before KIP-447 and Faust does: one transactional
+producer per input partition with a stable id `<prefix>.<topic>.<partition>`. Whoever is
+assigned a partition starts its producer, and InitProducerId bumps the epoch, which fences any
+previous owner still holding that id and aborts its open transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition as KafkaTopicPartition
+
+from consumer import failpoints
+from consumer.config import KafkaSettings
+from consumer.kafka.clients import build_producer
+from consumer.records import OutgoingRecord, TopicPartition
+
+log = logging.getLogger(__name__)
+
+
+def transactional_id(prefix: str, tp: TopicPartition) -> str:
+    return f"{prefix}.{tp.topic}.{tp.partition}"
+
+
+class TransactionalSink:
+    """Owns one transactional producer per assigned input partition."""
+
+    def __init__(
+        self, settings: KafkaSettings, compression: str | None, id_prefix: str | None
+    ) -> None:
+        self._settings = settings
+        self._compression = compression
+        self._prefix = id_prefix or settings.group_id
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+
+    async def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Start (and so fence any zombie of) the producer of each newly assigned partition."""
+        for tp in partitions:
+            if tp in self._producers:
+                continue
+            producer = build_producer(
+                self._settings, self._compression, transactional_id(self._prefix, tp)
+            )
+            await producer.start()
+            self._producers[tp] = producer
+
+    async def release(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            producer = self._producers.pop(tp, None)
+            if producer is not None:
+                await producer.stop()
+
+    async def reset(self, tp: TopicPartition) -> None:
+        """Replace a producer left in an error state; the new one aborts what the old left open."""
+        await self.release([tp])
+        await self.assign([tp])
+
+    async def close(self) -> None:
+        await self.release(list(self._producers))
+
+    async def deliver(
+        self,
+        tp: TopicPartition,
+        records: Sequence[OutgoingRecord],
+        next_offset: int,
+        group_id: str,
+    ) -> None:
+        """Produce `records` and commit `next_offset` for `tp` atomically; abort on any error."""
+        producer = self._producers.get(tp)
+        if producer is None:
+            raise LookupError(f"no transactional producer for {tp}: not assigned here")
+        await producer.begin_transaction()
+        try:
+            futures = [
+                await producer.send(r.topic, value=r.value, key=r.key, headers=r.headers)
+                for r in records
+            ]
+            if futures:
+                await asyncio.gather(*futures)
+            await producer.send_offsets_to_transaction(
+                {KafkaTopicPartition(tp.topic, tp.partition): next_offset}, group_id
+            )
+            failpoints.reach("in_transaction")
+            await producer.commit_transaction()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.abort_transaction()
+            raise
