@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from consumer import failpoints
 from consumer.config import Settings
@@ -37,15 +37,18 @@ from consumer.enrich.template import PromptTemplate
 from consumer.kafka.clients import build_consumer, build_producer
 from consumer.kafka.offsets import OffsetTracker
 from consumer.kafka.sink import Sink
+from consumer.kafka.transactions import TransactionalSink
 from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient
 from consumer.llm.limiter import AIMDLimiter
+from consumer.observability import Metrics, Observability
 from consumer.records import DeadLetter, Item, OutgoingRecord, SourceRecord, TopicPartition
 from consumer.window import CloseReason, Window, WindowAccumulator
 
 log = logging.getLogger("consumer")
 
 _MAX_POLL_WAIT_S = 0.5
+_LONG_PROVIDER_WAIT_S = 10.0
 
 
 def _tp(tp: Any) -> TopicPartition:
@@ -72,7 +75,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._app.on_partitions_revoked({_tp(tp) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("partitions assigned", extra={"partitions": sorted(map(tuple, assigned))})
+        await self._app.on_partitions_assigned({_tp(tp) for tp in assigned})
 
 
 class ConsumerApp:
@@ -94,19 +97,26 @@ class ConsumerApp:
             settings.kafka, None if compression == "none" else compression
         )
         self._client = client or ChatClient(llm)
-        self.limiter = AIMDLimiter(
-            initial=llm.concurrency.initial,
-            minimum=llm.concurrency.min,
-            maximum=llm.concurrency.max,
-            decrease_factor=llm.concurrency.decrease_factor,
-            increase_step=llm.concurrency.increase_step,
-        )
+        self.metrics = Metrics(settings)
+        self.limiter = AIMDLimiter.from_settings(llm.concurrency)
         template = PromptTemplate(llm)
-        self._enricher = WindowEnricher(template, LLMCaller(self._client, self.limiter, llm.retry))
+        caller = LLMCaller(
+            self._client, self.limiter, llm.retry, on_attempt=self.metrics.attempt_hook()
+        )
+        self._enricher = WindowEnricher(template, caller)
         self._fields = OutputFields(llm.response_field, llm.model_name, template)
         self._template_hash = _header(template.template_hash)
         self._model_header = _header(llm.model_name)
         self._sink = Sink(self._producer)
+        self._transactions = (
+            TransactionalSink(
+                settings.kafka,
+                None if compression == "none" else compression,
+                settings.delivery.transactional_id_prefix,
+            )
+            if settings.delivery.mode == "exactly_once"
+            else None
+        )
         self._tracker = OffsetTracker()
         self._accumulator = WindowAccumulator(
             settings.window.max_messages, settings.window.max_wait_ms / 1000.0
@@ -115,9 +125,13 @@ class ConsumerApp:
         self._ready: deque[Window] = deque()
         self._ready_changed = asyncio.Event()
         self._processing: asyncio.Task[None] | None = None
+        self._enrichments: dict[str, asyncio.Task[list[RowOutcome]]] = {}
+        self._not_revoking = asyncio.Event()
+        self._not_revoking.set()
         self._input_done = False
+        self._failed = False
         self._stopping = asyncio.Event()
-        self.held_back = False
+        self._holding: set[str] = set()
         self.stats: dict[str, int] = {
             "consumed": 0,
             "produced": 0,
@@ -126,6 +140,12 @@ class ConsumerApp:
             "windows": 0,
             "commits": 0,
         }
+        self.observability = Observability(settings, self.metrics, self, self._consumer)
+
+    @property
+    def held_back(self) -> bool:
+        """A window is waiting out a provider outage (readiness reports it)."""
+        return bool(self._holding)
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
@@ -136,6 +156,7 @@ class ConsumerApp:
     async def run(self) -> int:
         """Consume until asked to stop; returns the process exit code."""
         kafka = self.settings.kafka
+        await self.observability.start()
         await self._producer.start()
         try:
             await self._consumer.start()
@@ -151,6 +172,7 @@ class ConsumerApp:
                     },
                 )
                 processor = asyncio.create_task(self._process_loop(), name="processor")
+                processor.add_done_callback(self._on_processor_done)
                 try:
                     await self._poll_loop()
                     await self._drain(processor)
@@ -159,19 +181,32 @@ class ConsumerApp:
                         processor.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await processor
+                    for task in self._enrichments.values():
+                        task.cancel()
             finally:
                 await self._commit()
                 await self._consumer.stop()
         finally:
+            if self._transactions is not None:
+                await self._transactions.close()
             await self._producer.stop()
             await self._client.aclose()
+            await self.observability.stop()
         log.info("stopped", extra=self.stats)
-        return 0
+        return 1 if self._failed else 0
+
+    def _on_processor_done(self, task: asyncio.Task[None]) -> None:
+        """A processor that died must stop the process: polling on without it would stall."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("processing failed; stopping", exc_info=task.exception())
+            self._failed = True
+            self._stopping.set()
 
     # ---- poller -------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
         while not self._stopping.is_set():
+            self.observability.beat()
             self._apply_backpressure()
             deadline = self._accumulator.deadline()
             wait = _MAX_POLL_WAIT_S
@@ -208,6 +243,7 @@ class ConsumerApp:
             else Item(record, row=decoded)
         )
         self.stats["consumed"] += 1
+        self.metrics.consumed()
         self._tracker.track(record.tp, record.offset)
         window = self._accumulator.add(item)
         if window is not None:
@@ -215,13 +251,31 @@ class ConsumerApp:
 
     def _hand_over(self, capacity: int) -> None:
         while self._closed and len(self._ready) < capacity:
-            self._ready.append(self._closed.popleft())
+            window = self._closed.popleft()
+            self._ready.append(window)
+            self._start_enrichment(window)
             self._ready_changed.set()
 
+    def _start_enrichment(self, window: Window) -> None:
+        """Waiting windows are enriched early, so no limiter slot idles at a window's tail.
+
+        Their rows queue in the limiter behind the current window's (admission is FIFO), so they
+        only take the slots its slowest rows leave free; outputs are still produced in order.
+        """
+        if window.id not in self._enrichments:
+            self._enrichments[window.id] = asyncio.create_task(self._enrich(window))
+
+    def _cancel_enrichment(self, window: Window) -> None:
+        task = self._enrichments.pop(window.id, None)
+        if task is not None:
+            task.cancel()
+
     def _apply_backpressure(self) -> None:
-        """Pause every partition while a closed window waits for the processor."""
+        """Pause every partition while a closed window waits for the processor, or while the
+        provider asked for a long wait (Retry-After): fetching more would only fill memory."""
         assigned = self._consumer.assignment()
-        if self._closed or self._stopping.is_set():
+        provider_wait = self.limiter.state().not_before_in_s > _LONG_PROVIDER_WAIT_S
+        if self._closed or self._stopping.is_set() or provider_wait:
             if assigned - self._consumer.paused():
                 self._consumer.pause(*assigned)
         elif self._consumer.paused():
@@ -249,6 +303,9 @@ class ConsumerApp:
                     return
                 self._ready_changed.clear()
                 await self._ready_changed.wait()
+            if not self._not_revoking.is_set():
+                await self._not_revoking.wait()
+                continue
             window = self._ready.popleft()
             self._processing = asyncio.create_task(self._process_window(window))
             await asyncio.wait([self._processing])
@@ -261,19 +318,27 @@ class ConsumerApp:
     async def _process_window(self, window: Window) -> None:
         started = time.monotonic()
         row_items = [item for item in window.items if item.row is not None]
-        outcomes = await self._enrich(window, [item.row for item in row_items])  # type: ignore[misc]
+        self._start_enrichment(window)
+        try:
+            outcomes = await self._enrichments[window.id]
+        finally:
+            self._enrichments.pop(window.id, None)
         by_item = {id(item): outcome for item, outcome in zip(row_items, outcomes, strict=True)}
         records = [self._outgoing(window, item, by_item.get(id(item))) for item in window.items]
-        await self._deliver(window, records)
-        failpoints.reach("after_produce")
-        for item in window.items:
-            self._tracker.finish(item.record.tp, item.record.offset)
+        if self._transactions is not None:
+            await self._deliver_transactions(window, records)
+        else:
+            await self._deliver(window, records)
+            failpoints.reach("after_produce")
+            for item in window.items:
+                self._tracker.finish(item.record.tp, item.record.offset)
         errors = sum(1 for o in outcomes if o.error is not None)
         dead = len(window.items) - len(row_items)
         self.stats["windows"] += 1
         self.stats["produced"] += len(row_items)
         self.stats["dead_lettered"] += dead
         self.stats["row_errors"] += errors
+        self.metrics.window_done(window, outcomes, time.monotonic() - started)
         await self._commit()
         log.info(
             "window done",
@@ -289,22 +354,35 @@ class ConsumerApp:
             },
         )
 
-    async def _enrich(self, window: Window, rows: list[dict[str, Any]]) -> list[RowOutcome]:
-        """Enrich; while the provider (not the rows) is failing, wait and retry those rows."""
+    async def _enrich(self, window: Window) -> list[RowOutcome]:
+        """Enrich the window's rows; while the provider (not the rows) fails, wait and retry.
+
+        A round in which every row that reached the provider failed is an outage: the window
+        waits (offsets uncommitted) for as long as it lasts. When only some rows ran out of
+        retries, the window is held back `partial_window_retries` times before those rows get
+        their error, so the edge of an outage does not turn into error rows either.
+        """
+        rows: list[dict[str, Any]] = [item.row for item in window.items if item.row is not None]
+        retry = self.settings.llm.retry
         outcomes = await self._enricher.enrich(rows)
-        attempt = 0
-        while outcomes and window_failed_systemically(outcomes):
-            attempt += 1
-            self.held_back = True
-            first = next(o.error for o in outcomes if o.error is not None)
-            retry = self.settings.llm.retry
-            delay = min(retry.window_backoff_max_s, 2.0**attempt) * (0.5 + 0.5 * random.random())
+        round_outcomes = outcomes
+        holds = partial_holds = 0
+        while any(o.needs_retry_later for o in outcomes):
+            if not window_failed_systemically(round_outcomes):
+                if partial_holds >= retry.partial_window_retries:
+                    break
+                partial_holds += 1
+            holds += 1
+            self._holding.add(window.id)
+            first = next(o.error for o in outcomes if o.needs_retry_later)
+            delay = min(retry.window_backoff_max_s, 2.0**holds) * (0.5 + 0.5 * random.random())
             log.warning(
                 "window held back: the provider is failing, offsets stay uncommitted",
                 extra={
                     "window_id": window.id,
                     "reason": first.reason if first else "",
                     "status_code": first.status_code if first else None,
+                    "failed_rows": sum(1 for o in outcomes if o.needs_retry_later),
                     "retry_in_s": round(delay, 1),
                 },
             )
@@ -312,10 +390,10 @@ class ConsumerApp:
             if self._stopping.is_set():
                 raise asyncio.CancelledError("stopping while the provider is failing")
             todo = [i for i, o in enumerate(outcomes) if o.needs_retry_later]
-            retried = await self._enricher.enrich([rows[i] for i in todo])
-            for index, outcome in zip(todo, retried, strict=True):
+            round_outcomes = await self._enricher.enrich([rows[i] for i in todo])
+            for index, outcome in zip(todo, round_outcomes, strict=True):
                 outcomes[index] = outcome
-        self.held_back = False
+        self._holding.discard(window.id)
         return outcomes
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
@@ -357,14 +435,62 @@ class ConsumerApp:
                 return
             except KafkaError as error:
                 attempt += 1
-                delay = min(30.0, 0.5 * 2**attempt)
-                log.warning(
-                    "produce failed, retrying (outputs may repeat, offsets stay uncommitted)",
-                    extra={"window_id": window.id, "error": repr(error), "retry_in_s": delay},
+                await self._broker_backoff(
+                    window, attempt, error, "produce failed, retrying (outputs may repeat)"
                 )
-                await asyncio.sleep(delay)
+
+    async def _broker_backoff(
+        self, window: Window, attempt: int, error: Exception, what: str
+    ) -> None:
+        """Wait before trying the broker again; the offsets stay uncommitted meanwhile."""
+        delay = min(30.0, 0.5 * 2**attempt)
+        log.warning(what, extra={"window_id": window.id, "error": repr(error), "retry_in_s": delay})
+        await asyncio.sleep(delay)
+
+    async def _deliver_transactions(self, window: Window, records: list[OutgoingRecord]) -> None:
+        """Exactly-once: per input partition, produce its records and commit its offset in one
+        transaction; retried (aborting first) until it commits or the partition is fenced."""
+        assert self._transactions is not None
+        by_partition: dict[TopicPartition, list[tuple[Item, OutgoingRecord]]] = {}
+        for item, record in zip(window.items, records, strict=True):
+            by_partition.setdefault(item.record.tp, []).append((item, record))
+        for tp, pairs in by_partition.items():
+            next_offset = max(item.record.offset for item, _ in pairs) + 1
+            started = time.monotonic()
+            if await self._transact(window, tp, [r for _, r in pairs], next_offset):
+                self.metrics.committed(time.monotonic() - started)
+                for item, _ in pairs:
+                    self._tracker.finish(tp, item.record.offset)
+                self._tracker.committed({tp: next_offset})
+        self.stats["commits"] += len(by_partition)
+
+    async def _transact(
+        self, window: Window, tp: TopicPartition, records: list[OutgoingRecord], next_offset: int
+    ) -> bool:
+        """True once committed; False if fenced (the partition has a new owner)."""
+        assert self._transactions is not None
+        attempt = 0
+        while True:
+            try:
+                await self._transactions.deliver(
+                    tp, records, next_offset, self.settings.kafka.group_id
+                )
+                return True
+            except ProducerFenced:
+                log.warning(
+                    "fenced: another member owns this partition now; its work is dropped",
+                    extra={"window_id": window.id, "partition": tuple(tp)},
+                )
+                self._tracker.forget([tp])
+                return False
+            except KafkaError as error:
+                attempt += 1
+                await self._broker_backoff(window, attempt, error, "transaction failed, retrying")
+                await self._transactions.reset(tp)
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        if self._transactions is not None:
+            return
         assigned = {_tp(tp) for tp in self._consumer.assignment()}
         wanted = set(only) if only is not None else assigned
         offsets = {
@@ -372,6 +498,7 @@ class ConsumerApp:
         }
         if not offsets:
             return
+        started = time.monotonic()
         try:
             await self._consumer.commit(
                 {KafkaTopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}
@@ -381,14 +508,26 @@ class ConsumerApp:
             return
         self._tracker.committed(offsets)
         self.stats["commits"] += 1
+        self.metrics.committed(time.monotonic() - started)
 
     # ---- rebalance ----------------------------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish (or abandon) in-flight work within a budget, commit it, let the rest go."""
+        """Finish (or abandon) in-flight work within a budget, commit it, let the rest go.
+
+        The budget is half the group's rebalance timeout: the group waits that long for this
+        member to rejoin, and committing plus rejoining needs the rest.
+        """
         if not revoked:
             return
-        budget = self.settings.kafka.session_timeout_ms / 1000.0 * 0.6
+        self._not_revoking.clear()
+        try:
+            await self._release(revoked)
+        finally:
+            self._not_revoking.set()
+
+    async def _release(self, revoked: set[TopicPartition]) -> None:
+        budget = self.settings.kafka.rebalance_timeout_ms / 1000.0 * 0.5
         processing = self._processing
         if processing is not None and not processing.done():
             done, _ = await asyncio.wait([processing], timeout=budget)
@@ -399,7 +538,17 @@ class ConsumerApp:
         await self._commit(revoked)
         abandoned = processing is not None and processing.cancelled()
         self._rewind(revoked, include_assigned=abandoned)
-        log.info("partitions revoked", extra={"partitions": sorted(map(tuple, revoked))})
+        if self._transactions is not None:
+            await self._transactions.release(revoked)
+        log.info(
+            "partitions revoked",
+            extra={"partitions": sorted(map(tuple, revoked)), "abandoned_window": abandoned},
+        )
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._transactions is not None:
+            await self._transactions.assign(assigned)
+        log.info("partitions assigned", extra={"partitions": sorted(map(tuple, assigned))})
 
     def _rewind(self, revoked: set[TopicPartition], include_assigned: bool) -> None:
         """Drop unfinished work of revoked partitions: their next owner reads it again.
@@ -412,9 +561,15 @@ class ConsumerApp:
         self._accumulator.drop_partitions(dropped)
         for queue in (self._closed, self._ready):
             for window in list(queue):
-                window.items = [i for i in window.items if i.record.tp not in dropped]
-                if not window.items:
+                kept = [i for i in window.items if i.record.tp not in dropped]
+                if len(kept) == len(window.items):
+                    continue
+                self._cancel_enrichment(window)
+                window.items = kept
+                if not kept:
                     queue.remove(window)
+                elif queue is self._ready:
+                    self._start_enrichment(window)
         for tp in dropped - revoked:
             first = self._tracker.first_pending(tp)
             if first is not None:

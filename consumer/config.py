@@ -53,7 +53,20 @@ class KafkaSettings(_Model):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    group_instance_id: str | None = Field(
+        default=None,
+        description=(
+            "Static membership (KIP-345): a restart with the same id gets its partitions back "
+            "without a rebalance. Must be unique per process (e.g. the pod name)."
+        ),
+    )
     session_timeout_ms: int = Field(default=45_000, ge=6_000, le=300_000)
+    rebalance_timeout_ms: int = Field(
+        default=60_000,
+        ge=6_000,
+        description="How long the group waits for members to rejoin; half of it is the budget "
+        "to finish in-flight windows of revoked partitions.",
+    )
     heartbeat_interval_ms: int = Field(default=3_000, ge=500)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     max_row_bytes: int = Field(
@@ -105,9 +118,44 @@ class ConcurrencySettings(_Model):
     initial: int = Field(default=16, ge=1)
     min: int = Field(default=1, ge=1)
     max: int = Field(default=64, ge=1, le=4096)
-    decrease_factor: float = Field(default=0.7, gt=0.0, lt=1.0)
+    decrease_factor: float = Field(
+        default=0.8, gt=0.0, lt=1.0, description="Multiplicative decrease per congestion event."
+    )
     increase_step: float = Field(
         default=1.0, gt=0.0, description="Added to the limit per round trip while it is used."
+    )
+    probe_step: float | None = Field(
+        default=0.1,
+        gt=0.0,
+        description=(
+            "Increase per round trip near the level of the last congestion (gentle probing); "
+            "null: always increase_step."
+        ),
+    )
+    retry_after_jitter: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=2.0,
+        description="Retry-After gates get up to this fraction added, then a ramp as long.",
+    )
+    latency_signal: bool = Field(
+        default=False,
+        description=(
+            "Treat a round trip above latency_tolerance x the minimum as congestion, for "
+            "servers that queue instead of answering 429 (vLLM)."
+        ),
+    )
+    latency_tolerance: float = Field(default=2.0, gt=1.0)
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="Optional RPM budget beside the concurrency limit."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Optional TPM budget: charged prompt estimate (chars/4) + max_tokens at admission, "
+            "reconciled with the reported usage."
+        ),
     )
 
     @model_validator(mode="after")
@@ -129,10 +177,30 @@ class RetrySettings(_Model):
     max_retry_after_s: float = Field(
         default=60.0, gt=0.0, description="Longer Retry-After hints are capped to this."
     )
+    partial_window_retries: int = Field(
+        default=2,
+        ge=0,
+        description=(
+            "Times a window is held back and its failed rows tried again when only some rows ran "
+            "out of retries; after that they get a retries_exhausted error. A window whose rows "
+            "all fail is held back for as long as that lasts."
+        ),
+    )
     window_backoff_max_s: float = Field(
         default=60.0,
         gt=0.0,
         description="Cap on the wait before a window that failed systemically is tried again.",
+    )
+    budget_ratio: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="Retry budget: retries may be at most this share of recent requests...",
+    )
+    budget_min_per_s: float = Field(
+        default=2.0, ge=0.0, description="...plus this many retries per second."
+    )
+    budget_window_s: float = Field(
+        default=10.0, gt=0.0, description="What 'recent' means for the retry budget."
     )
 
 
@@ -155,6 +223,23 @@ class LLMSettings(_Model):
     )
     azure_api_style: Literal["deployments", "v1"] = "deployments"
     api_key: SecretStr | None = None
+    azure_ad_token: SecretStr | None = Field(
+        default=None, description="Azure: an Entra ID bearer token (instead of api_key)."
+    )
+    azure_ad_token_env: str | None = Field(
+        default=None, description="Azure: read the Entra ID token from this variable."
+    )
+    azure_ad_token_file: Path | None = Field(
+        default=None, description="Azure: read the Entra ID token from this file."
+    )
+    azure_ad_token_command: list[str] | None = Field(
+        default=None,
+        description=(
+            "Azure: run this command for the Entra ID token, e.g. [az, account, "
+            "get-access-token, --resource, https://cognitiveservices.azure.com, --query, "
+            "accessToken, -o, tsv]. Token sources are read again once on a 401."
+        ),
+    )
     headers: dict[str, str] = Field(
         default_factory=dict, description="Extra HTTP headers, e.g. HTTP-Referer and X-Title."
     )
@@ -170,7 +255,19 @@ class LLMSettings(_Model):
     )
     lookup_file: Path | None = Field(default=None, description="YAML or JSON lookup table.")
     response_field: str = "llm_response"
-    response_format: Literal["text", "json_object"] = "text"
+    response_format: Literal["text", "json_object", "json_schema"] = Field(
+        default="text",
+        description="json_object / json_schema: the answer is parsed (and validated) into rf.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "The JSON Schema for response_format json_schema; answers are checked against its "
+            "type, required, properties, additionalProperties, items and enum keywords."
+        ),
+    )
+    json_schema_name: str = "response"
+    json_schema_strict: bool = True
     temperature: float | None = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=256, ge=1)
     request_timeout_s: float = Field(default=60.0, gt=0.0)
@@ -199,6 +296,19 @@ class LLMSettings(_Model):
                 raise ValueError("azure v1 needs 'model' (the deployment name)")
         elif self.model is None:
             raise ValueError(f"provider {self.provider} needs 'model'")
+        if (self.response_format == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format json_schema and json_schema go together")
+        token_sources = [
+            self.azure_ad_token,
+            self.azure_ad_token_env,
+            self.azure_ad_token_file,
+            self.azure_ad_token_command,
+        ]
+        sources = sum(source is not None for source in token_sources)
+        if sources and self.provider != "azure":
+            raise ValueError("azure_ad_token* settings are for provider azure only")
+        if sources > 1 or (sources and self.api_key is not None):
+            raise ValueError("set one of api_key and the azure_ad_token* settings")
         return self
 
     @property
@@ -210,7 +320,18 @@ class LLMSettings(_Model):
 class DeliverySettings(_Model):
     """Delivery guarantees and shutdown behaviour."""
 
-    mode: Literal["at_least_once"] = "at_least_once"
+    mode: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once",
+        description=(
+            "exactly_once: outputs, dead letters and input offsets are written in one Kafka "
+            "transaction per input partition; readers must use isolation.level=read_committed."
+        ),
+    )
+    transactional_id_prefix: str | None = Field(
+        default=None,
+        description="exactly_once: prefix of the per-partition transactional ids; defaults to "
+        "the group id. Stable across restarts, so a new owner fences a zombie.",
+    )
     shutdown_grace_s: float = Field(
         default=30.0, gt=0.0, description="Time to finish the open window on SIGTERM."
     )
@@ -224,6 +345,26 @@ class LoggingSettings(_Model):
     )
 
 
+class ObservabilitySettings(_Model):
+    """The HTTP endpoints for operators: /metrics (Prometheus), /healthz and /readyz."""
+
+    host: str = Field(
+        default="0.0.0.0", description="Address the metrics and health server listens on."
+    )
+    port: int = Field(
+        default=9464, ge=0, le=65535, description="0 turns the metrics and health server off."
+    )
+    stale_after_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="/healthz fails when the poll loop made no progress for this long; keep it "
+        "above half of kafka.rebalance_timeout_ms (the revoke budget).",
+    )
+    lag_interval_s: float = Field(
+        default=10.0, gt=0.0, description="How often consumer lag per partition is measured."
+    )
+
+
 class Settings(_Model):
     """The whole configuration of one consumer process."""
 
@@ -232,6 +373,7 @@ class Settings(_Model):
     llm: LLMSettings
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
 
 def interpolate_env(value: Any, environ: dict[str, str], path: str = "") -> Any:
@@ -273,7 +415,7 @@ def _resolve_relative(settings: dict[str, Any], base: Path) -> None:
     llm = settings.get("llm")
     if not isinstance(llm, dict):
         return
-    for key in ("template_file", "lookup_file"):
+    for key in ("template_file", "lookup_file", "azure_ad_token_file"):
         if isinstance(llm.get(key), str) and not Path(llm[key]).is_absolute():
             llm[key] = str(base / llm[key])
 

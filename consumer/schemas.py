@@ -51,6 +51,10 @@ def output_row_schema(rf: str = "llm_response") -> dict[str, Any]:
             f"{rf}_model": {"type": "string"},
             f"{rf}_usage": usage,
             f"{rf}_finish_reason": {"type": ["string", "null"]},
+            f"{rf}_truncated": {
+                "type": ["boolean", "null"],
+                "description": "true when the answer was cut by max_tokens (finish_reason length)",
+            },
             f"{rf}_error": error,
             f"{rf}_template_hash": sha256,
             f"{rf}_variables_hash": sha256,

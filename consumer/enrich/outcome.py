@@ -38,6 +38,7 @@ class OutputFields:
             "model": f"{rf}_model",
             "usage": f"{rf}_usage",
             "finish_reason": f"{rf}_finish_reason",
+            "truncated": f"{rf}_truncated",
             "error": f"{rf}_error",
         }
         self._static: dict[str, Any] = {f"{rf}_template_hash": template.template_hash}
@@ -58,12 +59,14 @@ class OutputFields:
             out[keys["model"]] = completion.model
             out[keys["usage"]] = completion.usage.as_dict()
             out[keys["finish_reason"]] = completion.finish_reason
+            out[keys["truncated"]] = completion.truncated
             out[keys["error"]] = None
         else:
             out[self.response_field] = None
             out[keys["model"]] = self._model_name
             out[keys["usage"]] = None
             out[keys["finish_reason"]] = None
+            out[keys["truncated"]] = None
             out[keys["error"]] = outcome.error.as_dict() if outcome.error else None
         out.update(self._static)
         out[self._variables_key] = outcome.variables_hash
