@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
@@ -81,22 +81,23 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class ConsumerApp:
     """One consumer process. `await run()` until `request_stop()` (SIGTERM/SIGINT)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        consumer: AIOKafkaConsumer | None = None,
-        producer: AIOKafkaProducer | None = None,
-        client: ChatClient | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         llm = settings.llm
-        self._consumer = consumer or build_consumer(settings.kafka)
+        self._consumer = build_consumer(settings.kafka)
         compression = settings.delivery.output_compression
-        self._producer = producer or build_producer(
-            settings.kafka, None if compression == "none" else compression
+        codec = None if compression == "none" else compression
+        exactly_once = settings.delivery.mode == "exactly_once"
+        # Exactly-once produces only through the per-partition transactional producers, so the
+        # shared idempotent producer is not even started then.
+        self._transactions = (
+            TransactionalSink(settings.kafka, codec, settings.delivery.transactional_id_prefix)
+            if exactly_once
+            else None
         )
-        self._client = client or ChatClient(llm)
+        self._producer = None if exactly_once else build_producer(settings.kafka, codec)
+        self._sink = Sink(self._producer) if self._producer is not None else None
+        self._client = ChatClient(llm)
         self.metrics = Metrics(settings)
         self.limiter = AIMDLimiter.from_settings(llm.concurrency)
         template = PromptTemplate(llm)
@@ -107,16 +108,6 @@ class ConsumerApp:
         self._fields = OutputFields(llm.response_field, llm.model_name, template)
         self._template_hash = _header(template.template_hash)
         self._model_header = _header(llm.model_name)
-        self._sink = Sink(self._producer)
-        self._transactions = (
-            TransactionalSink(
-                settings.kafka,
-                None if compression == "none" else compression,
-                settings.delivery.transactional_id_prefix,
-            )
-            if settings.delivery.mode == "exactly_once"
-            else None
-        )
         self._tracker = OffsetTracker()
         self._accumulator = WindowAccumulator(
             settings.window.max_messages, settings.window.max_wait_ms / 1000.0
@@ -157,7 +148,8 @@ class ConsumerApp:
         """Consume until asked to stop; returns the process exit code."""
         kafka = self.settings.kafka
         await self.observability.start()
-        await self._producer.start()
+        if self._producer is not None:
+            await self._producer.start()
         try:
             await self._consumer.start()
             try:
@@ -189,7 +181,8 @@ class ConsumerApp:
         finally:
             if self._transactions is not None:
                 await self._transactions.close()
-            await self._producer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
             await self._client.aclose()
             await self.observability.stop()
         log.info("stopped", extra=self.stats)
@@ -428,6 +421,7 @@ class ConsumerApp:
 
     async def _deliver(self, window: Window, records: list[OutgoingRecord]) -> None:
         """Produce until the broker acknowledged everything; never commit around a failure."""
+        assert self._sink is not None
         attempt = 0
         while True:
             try:
