@@ -125,11 +125,21 @@ class ConcurrencySettings(_Model):
         default=1.0, gt=0.0, description="Added to the limit per round trip while it is used."
     )
     probe_step: float | None = Field(
-        default=0.1,
+        default=0.05,
         gt=0.0,
         description=(
-            "Increase per round trip near the level of the last congestion (gentle probing); "
-            "null: always increase_step."
+            "Increase per round trip just below the level of the last congestion, where the "
+            "limit rides (a long flat sawtooth: few 429s and Retry-After pauses); below that "
+            "level the limit recovers half the way per round trip. null: increase_step always."
+        ),
+    )
+    fast_climb: bool = Field(
+        default=True,
+        description=(
+            "Above the last congestion level, or before any, the increase doubles every round "
+            "trip from increase_step (exponential growth, as in BIC and TCP slow start), so a "
+            "capacity jump is found in a few round trips. false: increase_step always (with "
+            "probe_step null: plain AIMD)."
         ),
     )
     retry_after_jitter: float = Field(

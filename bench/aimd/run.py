@@ -112,7 +112,7 @@ async def worker(strategy: str, url: str, duration: float, outstanding: int) -> 
     if strategy == "aimd":
         limiter = AIMDLimiter.from_settings(settings.concurrency)
     elif strategy == "oracle":
-        limiter = AIMDLimiter(SCHEDULE[0][0], 1, maximum)
+        limiter = AIMDLimiter(SCHEDULE[0][0], 1, maximum, probe_step=None, fast_climb=False)
     else:
         limiter = AIMDLimiter(maximum, maximum, maximum)
     caller = LLMCaller(client, limiter, retry)

@@ -1,13 +1,18 @@
 """AIMD limit on concurrent LLM requests, shared by every row of every window in the process.
 
 Decisions, and why:
-- Additive increase of about `increase_step` per round trip (step/limit per success), and only
-  while the limit is actually in use, so the idle tail of a window does not inflate it.
-- Gentle probing where it hurt last time: once the limit is back near the level at which the
-  last congestion happened (the "ceiling"), it grows by `probe_step` per round trip instead of
-  `increase_step`; once well past that level without congestion, the capacity has grown and the
-  full step returns. This keeps the sawtooth flat (fewer 429s, fewer Retry-After pauses)
-  without slowing the recovery after a cut or the climb when capacity moves up.
+- The increase follows where the limit stands against the last congestion level (the
+  "ceiling": the in-flight count the congested request was admitted at, or the limit if lower):
+  - below ceiling - 1 (recovering after a cut): half the way back per round trip, at least
+    `increase_step`, since the level just below the ceiling held until the overload;
+  - in [ceiling - 1, ceiling) (at the known-safe level): `probe_step` per round trip, so the
+    sawtooth is long and flat and each 429 and Retry-After pause comes rarely;
+  - at or past the ceiling without congestion, or with no congestion seen yet: the capacity is
+    unknown above, so the increase starts at `increase_step` per round trip and doubles every
+    round trip while traffic keeps pressing (BIC's max probing; exponential like TCP's slow
+    start, but starting gently at the old level): a jump of the provider's capacity is found
+    in a few round trips instead of one step per round trip.
+  Only while the limit is actually in use, so the idle tail of a window does not inflate it.
 - Multiplicative decrease once per congestion event: a request that was admitted before the
   last decrease belongs to the overload that decrease already answered, so it cannot cut again.
 - Round-trip samples only from successful attempts, per attempt. With `latency_signal` on, a
@@ -55,6 +60,9 @@ class Ticket:
     admitted_at: float
     in_flight_at_admission: int
     tokens: int = 0
+    # The permits when it was admitted: whether the limit was in use is judged against the
+    # limit of that moment, since a climbing limit doubles its increase every round trip.
+    permits_at_admission: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,8 @@ class AIMDLimiter:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         *,
-        probe_step: float | None = 0.1,
+        probe_step: float | None = 0.05,
+        fast_climb: bool = True,
         latency_signal: bool = False,
         latency_tolerance: float = 2.0,
         requests_per_minute: int | None = None,
@@ -100,6 +109,9 @@ class AIMDLimiter:
         self._factor = decrease_factor
         self._step = increase_step
         self._probe_step = probe_step
+        self._fast_climb = fast_climb
+        # Multiplies increase_step while climbing; doubles per round trip of pressing traffic.
+        self._climb_gain = 1.0
         self._jitter = retry_after_jitter
         self._clock = clock
         self._rng = rng
@@ -141,6 +153,7 @@ class AIMDLimiter:
             increase_step=settings.increase_step,
             retry_after_jitter=settings.retry_after_jitter,
             probe_step=settings.probe_step,
+            fast_climb=settings.fast_climb,
             latency_signal=settings.latency_signal,
             latency_tolerance=settings.latency_tolerance,
             requests_per_minute=settings.requests_per_minute,
@@ -194,7 +207,7 @@ class AIMDLimiter:
         if self._tpm is not None and tokens:
             self._tpm.take(float(tokens), now)
         self._in_flight += 1
-        return Ticket(admitted_at=now, in_flight_at_admission=self._in_flight, tokens=tokens)
+        return Ticket(now, self._in_flight, tokens, self.permits)
 
     async def acquire(self, tokens: int = 0) -> Ticket:
         """Wait, in FIFO order, for admission. Raises LLMFailure if `tokens` can never fit."""
@@ -259,25 +272,44 @@ class AIMDLimiter:
     # ---- arithmetic -----------------------------------------------------------------------
 
     def _increase(self, ticket: Ticket) -> None:
-        used = bool(self._waiters) or ticket.in_flight_at_admission >= self._limit * _USED_FRACTION
-        if not used or self._limit >= self._max:
+        used = bool(self._waiters) or (
+            ticket.in_flight_at_admission >= ticket.permits_at_admission * _USED_FRACTION
+        )
+        if not used:
+            self._climb_gain = 1.0  # a climb continues only while traffic presses on the limit
             return
-        step = self._step
+        if self._limit >= self._max:
+            return
+        self._limit = min(float(self._max), self._limit + self._step_per_round_trip() / self._limit)
+
+    def _step_per_round_trip(self) -> float:
         ceiling = self._ceiling
-        if ceiling is not None and self._probe_step is not None:
-            if self._limit >= ceiling + max(1.0, 0.05 * ceiling):
-                self._ceiling = None  # well past the old trouble without any: capacity grew
-                log.debug("limiter passed its ceiling %.1f: full steps again", ceiling)
-            elif self._limit >= ceiling - 1.0:
-                step = self._probe_step
-        self._limit = min(float(self._max), self._limit + step / self._limit)
+        if ceiling is not None and self._limit >= ceiling:
+            self._ceiling = ceiling = None  # at the old congestion level without any: it moved
+            log.debug("limiter reached its ceiling without congestion: climbing")
+        if ceiling is None:
+            if not self._fast_climb:
+                return self._step
+            step = min(self._step * self._climb_gain, self._limit)
+            self._climb_gain *= 2.0 ** (1.0 / self._limit)
+            return step
+        if self._probe_step is None:
+            return self._step
+        safe = ceiling - 1.0
+        if self._limit >= safe:
+            return self._probe_step
+        return max(self._step, (safe - self._limit) / 2.0)
 
     def _decrease(self, ticket: Ticket, now: float, why: str) -> None:
         if ticket.admitted_at <= self._last_decrease_at:
             return  # part of the event the last cut already answered
         before = self._limit
-        self._ceiling = before
-        self._limit = max(float(self._min), before * self._factor)
+        # Where the overload showed: the requests in flight when it was answered, this one
+        # included. The limit may have run ahead of that while climbing.
+        level = min(before, float(self._in_flight + 1))
+        self._ceiling = level
+        self._limit = max(float(self._min), level * self._factor)
+        self._climb_gain = 1.0
         self._last_decrease_at = now
         self._decreases += 1
         log.debug("limiter decrease %.1f -> %.1f (%s)", before, self._limit, why)

@@ -116,8 +116,8 @@ async def test_a_429_then_success_takes_two_attempts_and_reports_congestion() ->
     assert result.completion is not None
     assert result.attempts == 2
     assert len(server.requests) == 2
-    assert limiter.limit == pytest.approx(7.0)
     assert limiter.state().decreases == 1
+    assert limiter.limit < 10
     assert sleeps.delays == [0.5]  # no hint: the caller backs off itself
     assert limiter.state().in_flight == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 
 import pytest
@@ -30,6 +31,7 @@ def limiter(
     rng: float = 0.0,
     jitter: float = 0.2,
 ) -> AIMDLimiter:
+    """Plain AIMD (no probing, no climb): the arithmetic the other behaviours build on."""
     return AIMDLimiter(
         initial,
         minimum,
@@ -38,6 +40,8 @@ def limiter(
         retry_after_jitter=jitter,
         clock=clock or FakeClock(),
         rng=lambda: rng,
+        probe_step=None,
+        fast_climb=False,
     )
 
 
@@ -102,14 +106,25 @@ def test_successes_at_low_utilisation_do_not_raise_the_limit() -> None:
 def test_multiplicative_decrease_by_the_factor() -> None:
     clock = FakeClock()
     lim = limiter(initial=10, factor=0.7, clock=clock)
-    ticket = lim.try_acquire()
-    assert ticket is not None
+    tickets = fill(lim)
     clock.now = 1.0
-    lim.on_congestion(ticket)
+    lim.on_congestion(tickets[0])
     assert lim.limit == pytest.approx(7.0)
     assert lim.permits == 7
     assert lim.state().decreases == 1
-    assert lim.state().in_flight == 0
+    assert lim.state().in_flight == 9
+
+
+def test_the_cut_starts_from_the_level_in_flight_when_the_overload_showed() -> None:
+    """A 429 with 6 in flight under a limit of 20: the capacity is about 6, not 20."""
+    clock = FakeClock()
+    lim = limiter(initial=20, factor=0.5, clock=clock)
+    tickets = [lim.try_acquire() for _ in range(6)]
+    clock.now = 1.0
+    assert tickets[0] is not None
+    lim.on_congestion(tickets[0])
+    assert lim.state().ceiling == 6.0
+    assert lim.limit == 3.0
 
 
 def test_congestion_from_requests_admitted_before_the_last_decrease_cuts_only_once() -> None:
@@ -129,11 +144,12 @@ def test_congestion_from_requests_admitted_before_the_last_decrease_cuts_only_on
 def test_a_request_admitted_after_the_decrease_cuts_again() -> None:
     clock = FakeClock(0.0)
     lim = limiter(initial=8, factor=0.5, clock=clock)
-    first, stale = lim.try_acquire(), lim.try_acquire()
-    assert first is not None and stale is not None
+    first, stale, *others = fill(lim)
     clock.now = 1.0
     lim.on_congestion(first)
     assert lim.limit == 4.0
+    for ticket in others:
+        lim.on_ignore(ticket)
     clock.now = 2.0
     fresh = lim.try_acquire()
     assert fresh is not None
@@ -141,7 +157,7 @@ def test_a_request_admitted_after_the_decrease_cuts_again() -> None:
     lim.on_congestion(stale)  # admitted at 0, before the decrease at 1: no cut
     assert lim.limit == 4.0
     lim.on_congestion(fresh)  # admitted at 2, after the decrease: a new event
-    assert lim.limit == 2.0
+    assert lim.limit == 1.0  # the minimum: only `fresh` was in flight when it was answered
     assert lim.state().decreases == 2
 
 
@@ -292,58 +308,122 @@ async def test_a_release_between_cancel_and_resume_does_not_break_the_cancel() -
     assert lim.try_acquire() is not None
 
 
-# ---- gentle probing near the last congestion level ------------------------------------------
+# ---- recovery, probing at the safe level, climbing past it ----------------------------------
 
 
-def congest_once(lim: AIMDLimiter, clock: FakeClock) -> None:
-    ticket = lim.try_acquire()
-    assert ticket is not None
+def shaped(
+    clock: FakeClock, probe_step: float | None = 0.1, fast_climb: bool = True
+) -> AIMDLimiter:
+    return AIMDLimiter(
+        20, 1, 1000, decrease_factor=0.5, clock=clock, probe_step=probe_step, fast_climb=fast_climb
+    )
+
+
+def full(lim: AIMDLimiter) -> deque[Ticket]:
+    """The limit full of requests that were each admitted with the limit full."""
+    tickets = deque(fill(lim))
+    for _ in range(len(tickets)):
+        lim.on_ignore(tickets.popleft())
+        tickets.extend(fill(lim))
+    return tickets
+
+
+def congest_at_full_limit(lim: AIMDLimiter, clock: FakeClock) -> deque[Ticket]:
+    """An overload with the limit full: the cut halves it and the ceiling is that level."""
+    tickets = full(lim)
     clock.now += 1.0
-    lim.on_congestion(ticket)
+    lim.on_congestion(tickets.popleft())
     clock.now += 1.0
+    for ticket in tickets:  # the rest of that overload completes
+        lim.on_ignore(ticket)
+    return full(lim)
 
 
-def test_after_a_cut_the_limit_climbs_fast_then_probes_gently_near_the_old_level() -> None:
-    clock = FakeClock()
-    lim = AIMDLimiter(20, 1, 100, decrease_factor=0.5, clock=clock, probe_step=0.1)
-    congest_once(lim, clock)
-    assert lim.limit == 10.0
-    assert lim.state().ceiling == 20.0
-    in_flight = deque(fill(lim))
-    run_saturated(lim, in_flight, 10)
-    before = lim.limit
-    run_saturated(lim, in_flight, round(before))  # one round trip far below the ceiling
-    assert 0.9 <= lim.limit - before <= 1.0
-    while lim.limit < 19.0:
-        run_saturated(lim, in_flight, 1)
-    before = lim.limit
-    run_saturated(lim, in_flight, round(before))  # one round trip near the ceiling
-    assert 0.05 <= lim.limit - before <= 0.1
-
-
-def test_well_past_the_old_level_without_congestion_full_steps_come_back() -> None:
-    clock = FakeClock()
-    lim = AIMDLimiter(20, 1, 100, decrease_factor=0.5, clock=clock, probe_step=0.1)
-    congest_once(lim, clock)
-    in_flight = deque(fill(lim))
-    while lim.limit < 21.0:
-        run_saturated(lim, in_flight, 1)
-    run_saturated(lim, in_flight, 1)  # the next success notices it is past the old level
-    assert lim.state().ceiling is None
-    before = lim.limit
-    run_saturated(lim, in_flight, round(before) + 2)
-    assert lim.limit - before >= 0.9
-
-
-def test_probe_step_none_is_plain_aimd() -> None:
-    clock = FakeClock()
-    lim = AIMDLimiter(20, 1, 100, decrease_factor=0.95, clock=clock, probe_step=None)
-    congest_once(lim, clock)
-    in_flight = deque(fill(lim))
-    run_saturated(lim, in_flight, 40)
+def round_trip(lim: AIMDLimiter, in_flight: deque[Ticket]) -> float:
+    """One round trip's worth of successes at a full limit; returns the increase."""
     before = lim.limit
     run_saturated(lim, in_flight, round(before))
-    assert 0.9 <= lim.limit - before <= 1.0
+    return lim.limit - before
+
+
+def test_after_a_cut_the_limit_recovers_half_the_way_to_the_safe_level_per_round_trip() -> None:
+    clock = FakeClock()
+    lim = shaped(clock)
+    in_flight = congest_at_full_limit(lim, clock)
+    assert lim.limit == 10.0
+    assert lim.state().ceiling == 20.0
+    # the safe level is 19: a gap of 9; half the remaining gap per round trip, applied per
+    # success, closes 1 - e^-0.5 (about 40 %) of it in one round trip
+    first = round_trip(lim, in_flight)
+    assert 2.8 <= first <= 4.5
+    second = round_trip(lim, in_flight)
+    assert 0.3 <= second / (9.0 - first) <= 0.6
+
+
+def test_at_the_safe_level_the_limit_probes_by_the_probe_step() -> None:
+    clock = FakeClock()
+    lim = shaped(clock, probe_step=0.1)
+    in_flight = congest_at_full_limit(lim, clock)
+    while lim.limit < 19.0:
+        run_saturated(lim, in_flight, 1)
+    assert 0.09 <= round_trip(lim, in_flight) <= 0.11
+    assert lim.state().ceiling == 20.0
+
+
+def test_reaching_the_ceiling_without_congestion_starts_a_climb_that_doubles() -> None:
+    clock = FakeClock()
+    lim = shaped(clock, probe_step=0.5)
+    in_flight = congest_at_full_limit(lim, clock)
+    while lim.state().ceiling is not None:
+        run_saturated(lim, in_flight, 1)
+    steps = [round_trip(lim, in_flight) for _ in range(4)]
+    assert 0.9 <= steps[0] <= 2.1
+    for earlier, later in itertools.pairwise(steps):
+        assert 1.6 <= later / earlier <= 2.6  # about twice the last round trip's increase
+
+
+def test_with_no_congestion_seen_the_limit_climbs_from_the_start() -> None:
+    lim = shaped(FakeClock())
+    in_flight = full(lim)
+    for _ in range(4):
+        round_trip(lim, in_flight)
+    assert lim.limit >= 20 + 1 + 2 + 4 + 8 - 2  # +1, +2, +4, +8 per round trip
+
+
+def test_a_climb_starts_over_when_traffic_stops_pressing() -> None:
+    lim = shaped(FakeClock())
+    in_flight = full(lim)
+    for _ in range(3):
+        round_trip(lim, in_flight)
+    while in_flight:  # the traffic ends
+        lim.on_success(in_flight.popleft())
+    lone = lim.try_acquire()  # a lone request, far below the limit
+    assert lone is not None
+    lim.on_success(lone)
+    in_flight = full(lim)
+    assert 0.9 <= round_trip(lim, in_flight) <= 2.1  # the climb starts over at the step
+
+
+def test_a_congestion_during_a_climb_cuts_from_the_level_in_flight() -> None:
+    clock = FakeClock()
+    lim = shaped(clock)
+    in_flight = full(lim)
+    for _ in range(3):
+        round_trip(lim, in_flight)
+    assert lim.limit > 25
+    clock.now += 1.0
+    lim.on_congestion(in_flight.popleft())
+    assert lim.state().ceiling == len(in_flight) + 1
+    assert lim.limit == pytest.approx(0.5 * (len(in_flight) + 1))
+
+
+def test_probe_step_none_and_no_fast_climb_is_plain_aimd() -> None:
+    clock = FakeClock()
+    lim = shaped(clock, probe_step=None, fast_climb=False)
+    in_flight = congest_at_full_limit(lim, clock)
+    for _ in range(15):  # below, at and past the old level alike: one step per round trip
+        assert 0.9 <= round_trip(lim, in_flight) <= 1.0
+    assert lim.limit > 22
 
 
 # ---- round trips and the latency signal ------------------------------------------------------
@@ -391,7 +471,7 @@ def test_latency_signal_cuts_once_when_answers_queue() -> None:
         assert ticket is not None
         lim.on_success(ticket)
     assert lim.state().decreases == 1  # three slow answers of one event: one cut
-    assert lim.limit == 5.0
+    assert lim.limit == 0.5 * 3  # from the three in flight when the queueing showed
 
 
 # ---- Retry-After re-entry ramp -------------------------------------------------------------
