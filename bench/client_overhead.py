@@ -2,8 +2,10 @@
 
 Variants, run one after another in this process, against one fake LLM server in its own process:
   aiohttp     plain aiohttp.ClientSession, connector limit 72, post + json parse
-  ChatClient  consumer.llm.client.ChatClient (httpx over httpx_aiohttp.AiohttpTransport), the
-              real class with `complete(messages)`, i.e. body building, orjson, parsing
+  ChatClient  consumer.llm.client.ChatClient (aiohttp called directly), the real class with
+              `complete(messages)`, i.e. body building, orjson, parsing
+  httpx+aiohttp  httpx.AsyncClient over httpx_aiohttp.AiohttpTransport: ChatClient's stack
+              until it moved to aiohttp, kept here as the measurement behind that move
   httpx       plain httpx.AsyncClient with its default transport, limits 72/72
 Every variant sends the same JSON body and parses the JSON answer. Each runs for --seconds after
 a short warm-up; the whole sequence is repeated --repeats times. Ratios are to aiohttp of the
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
+from httpx_aiohttp import AiohttpTransport  # noqa: E402
 
 from consumer.config import LLMSettings  # noqa: E402
 from consumer.llm.client import ChatClient  # noqa: E402
@@ -121,9 +124,10 @@ async def run_variant(
             return await drive(lambda: chat.complete(MESSAGES), concurrency, seconds, warmup)
         finally:
             await chat.aclose()
-    if name == "httpx":
+    if name in ("httpx", "httpx+aiohttp"):
         limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-        async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
+        transport = AiohttpTransport(limits=limits) if name == "httpx+aiohttp" else None
+        async with httpx.AsyncClient(limits=limits, timeout=30.0, transport=transport) as http:
 
             async def call_httpx() -> object:
                 response = await http.post(url, content=payload, headers=headers)
@@ -140,7 +144,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--variants", default="aiohttp,ChatClient,httpx")
+    parser.add_argument("--variants", default="aiohttp,ChatClient,httpx+aiohttp,httpx")
     args = parser.parse_args()
     variants = args.variants.split(",")
     me = os.getpid()

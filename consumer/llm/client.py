@@ -1,8 +1,11 @@
 """One OpenAI-compatible chat-completion call, with each provider's URL, auth and error shapes.
 
-The HTTP stack is httpx over the aiohttp transport: plain httpx's pool degrades at high
-concurrency (bench/client_overhead.py measures both beside plain aiohttp). The pool is sized to
-the limiter's maximum so no hidden queue sits under the limiter.
+The HTTP stack is aiohttp, called directly: bench/client_overhead.py measured httpx (even over
+the aiohttp transport) at 0.30 of plain aiohttp's requests per second, its request and response
+models costing as much CPU as the request itself, and plain httpx's pool degrading at high
+concurrency. The one POST the client makes sits behind a small `Post` callable, so unit tests
+serve it in process. The pool is sized to the limiter's maximum so no hidden queue sits under
+the limiter.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
-from httpx_aiohttp import AiohttpTransport
 
 from consumer.config import LLMSettings
 from consumer.llm.budgets import estimate_prompt_tokens
@@ -34,6 +37,47 @@ _DEFAULT_BASE_URLS = {
     "openrouter": "https://openrouter.ai/api/v1",
     "openai": "https://api.openai.com/v1",
 }
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """What the client reads of an HTTP answer; `headers` look up names case-insensitively."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+
+
+# POST (url, body, headers) -> reply; raises aiohttp.ClientError or TimeoutError.
+Post = Callable[[str, bytes, Mapping[str, str]], Awaitable[HttpReply]]
+
+
+class AiohttpPost:
+    """POSTs through one aiohttp session, opened on first use inside the running loop."""
+
+    def __init__(self, pool_size: int, timeout_s: float, connect_timeout_s: float = 10.0) -> None:
+        self._pool_size = pool_size
+        # The whole request is bounded by timeout_s; connecting alone by connect_timeout_s (its
+        # expiry is ConnectionTimeoutError, told apart from a slow answer).
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, url: str, payload: bytes, headers: Mapping[str, str]) -> HttpReply:
+        session = self._session
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._pool_size),
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        async with session.post(url, data=payload, headers=headers) as response:
+            content = await response.read()
+            return HttpReply(response.status, response.headers, content)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 @dataclass(frozen=True)
@@ -243,24 +287,22 @@ class AzureTokenSource:
 class ChatClient:
     """Sends chat completions to one configured provider; every failure comes out classified."""
 
-    def __init__(self, settings: LLMSettings, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, settings: LLMSettings, post: Post | None = None) -> None:
         self._settings = settings
         self._url = endpoint_url(settings)
         self._token = AzureTokenSource(settings) if AzureTokenSource.configured(settings) else None
         if self._token is not None:
             self._token.token = self._token.read_static()
         self._headers = request_headers(settings)
-        # At least the limiter's max, so no hidden queue sits under the limiter; a few more for
-        # connections that are closing.
-        pool = settings.concurrency.max + 8
-        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-        self._http = http or httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits),
-            timeout=httpx.Timeout(settings.request_timeout_s, connect=10.0),
-        )
+        self._session: AiohttpPost | None = None
+        if post is None:
+            post = self._session = AiohttpPost(self.pool_size, settings.request_timeout_s)
+        self._post_raw = post
 
     @property
     def pool_size(self) -> int:
+        """At least the limiter's max, so no hidden queue sits under the limiter; a few more for
+        connections that are closing."""
         return self._settings.concurrency.max + 8
 
     def estimated_tokens(self, messages: list[dict[str, str]]) -> int:
@@ -295,20 +337,20 @@ class ChatClient:
             return self._headers
         return {**self._headers, "authorization": f"Bearer {self._token.token}"}
 
-    async def _post(self, payload: bytes) -> httpx.Response:
+    async def _post(self, payload: bytes) -> HttpReply:
         try:
-            return await self._http.post(self._url, content=payload, headers=self._auth_headers())
-        except (httpx.PoolTimeout, httpx.ConnectTimeout) as error:
-            # waiting for a connection (aiohttp counts the pool wait in its connect timeout)
-            # says nothing about the provider's capacity: transient, not congestion
+            return await self._post_raw(self._url, payload, self._auth_headers())
+        except aiohttp.ConnectionTimeoutError as error:
+            # connecting (or waiting for a pooled connection) says nothing about the provider's
+            # capacity: transient, not congestion
             raise LLMFailure(
                 FailureKind.TRANSIENT, "connect_timeout", f"no connection in time: {error!r}"
             ) from None
-        except httpx.TimeoutException as error:
+        except TimeoutError as error:  # the answer did not come in time (aiohttp's are too)
             raise LLMFailure(
                 FailureKind.BACKPRESSURE, "timeout", f"request timed out: {error!r}"
             ) from None
-        except httpx.TransportError as error:
+        except aiohttp.ClientError as error:
             raise LLMFailure(
                 FailureKind.TRANSIENT, "connection_error", f"connection failed: {error!r}"
             ) from None
@@ -325,24 +367,25 @@ class ChatClient:
             await token.ensure()
         generation = token.generation if token is not None else 0
         response = await self._post(payload)
-        if response.status_code == 401 and token is not None:
+        if response.status == 401 and token is not None:
             await token.refresh(generation)
             response = await self._post(payload)
         try:
             body: Any = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             body = None
-        if response.status_code >= 400:
+        if response.status >= 400:
             hint = retry_after_seconds(response.headers, body)
-            raise classify_status(response.status_code, body, hint)
+            raise classify_status(response.status, body, hint)
         if body is None:
             raise LLMFailure(
                 FailureKind.TRANSIENT,
                 "invalid_response",
                 "the answer is not valid JSON",
-                response.status_code,
+                response.status,
             )
         return parse_completion(body, self._settings)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.aclose()

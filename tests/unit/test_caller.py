@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from consumer.llm.caller import LLMCaller, backoff_delay
 from consumer.llm.client import ChatClient, Completion, Usage
 from consumer.llm.errors import FailureKind, LLMFailure
 from consumer.llm.limiter import AIMDLimiter
+from tests.support.http_stub import stub_post
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 OK_BODY = {
@@ -89,8 +91,7 @@ def make(
     retry: RetrySettings = RETRY,
     initial: int = 10,
 ) -> tuple[LLMCaller, AIMDLimiter, Sleeps]:
-    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
-    client = ChatClient(settings(), http=http)
+    client = ChatClient(settings(), post=stub_post(server))
     limiter = AIMDLimiter(initial, 1, 100, decrease_factor=0.7, clock=SteppingClock())
     sleeps = Sleeps()
     caller = LLMCaller(client, limiter, retry, sleep=sleeps, rng=lambda: 1.0)
@@ -177,7 +178,7 @@ async def test_a_500_is_retried_without_cutting_the_limit() -> None:
 
 
 async def test_a_connection_error_is_retried() -> None:
-    server = Server(httpx.ConnectError("refused"), ok())
+    server = Server(aiohttp.ClientConnectionError("refused"), ok())
     caller, _, sleeps = make(server)
     result = await caller.call(MESSAGES)
     assert result.completion is not None
@@ -186,7 +187,7 @@ async def test_a_connection_error_is_retried() -> None:
 
 
 async def test_a_timeout_is_congestion() -> None:
-    server = Server(httpx.ReadTimeout("slow"), ok())
+    server = Server(aiohttp.SocketTimeoutError("slow"), ok())
     caller, limiter, _ = make(server)
     result = await caller.call(MESSAGES)
     assert result.attempts == 2
@@ -286,8 +287,7 @@ async def test_when_the_retry_budget_is_spent_a_retryable_failure_ends_the_row()
 
 async def test_a_request_bigger_than_the_token_budget_fails_fast_without_an_attempt() -> None:
     server = Server(ok())
-    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
-    client = ChatClient(settings(), http=http)
+    client = ChatClient(settings(), post=stub_post(server))
     limiter = AIMDLimiter(10, 1, 100, tokens_per_minute=100)  # max_tokens 256 alone is more
     caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps())
     result = await asyncio.wait_for(caller.call(MESSAGES), 1.0)
@@ -299,8 +299,7 @@ async def test_a_request_bigger_than_the_token_budget_fails_fast_without_an_atte
 
 async def test_the_token_budget_is_reconciled_with_the_reported_usage() -> None:
     server = Server(ok())  # reports 4 total tokens
-    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
-    client = ChatClient(settings(), http=http)
+    client = ChatClient(settings(), post=stub_post(server))
     clock_now = [0.0]
     limiter = AIMDLimiter(10, 1, 100, clock=lambda: clock_now[0], tokens_per_minute=10_000)
     caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps())

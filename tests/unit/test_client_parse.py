@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from consumer.config import LLMSettings
 from consumer.llm.client import ChatClient, endpoint_url, parse_completion, request_headers
 from consumer.llm.errors import FailureKind, LLMFailure
+from tests.support.http_stub import stub_post
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -320,9 +322,9 @@ def test_the_pool_is_at_least_the_limiters_max() -> None:
 
 async def test_a_connect_or_pool_timeout_is_transient_not_congestion() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.PoolTimeout("no connection free")
+        raise aiohttp.ConnectionTimeoutError("no connection in time")
 
-    client = ChatClient(settings(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    client = ChatClient(settings(), post=stub_post(handler))
     with pytest.raises(LLMFailure) as caught:
         await client.complete(MESSAGES)
     assert caught.value.kind is FailureKind.TRANSIENT
@@ -330,9 +332,9 @@ async def test_a_connect_or_pool_timeout_is_transient_not_congestion() -> None:
 
 async def test_a_read_timeout_is_congestion() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow")
+        raise aiohttp.SocketTimeoutError("slow")
 
-    client = ChatClient(settings(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    client = ChatClient(settings(), post=stub_post(handler))
     with pytest.raises(LLMFailure) as caught:
         await client.complete(MESSAGES)
     assert caught.value.kind is FailureKind.BACKPRESSURE
@@ -356,7 +358,7 @@ async def test_azure_entra_token_is_sent_as_bearer_and_read_again_once_on_401(
         return ok_response()
 
     llm = azure(api_key=None, azure_ad_token_file=token_file)
-    client = ChatClient(llm, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    client = ChatClient(llm, post=stub_post(handler))
     token_file.write_text("new-token\n")
     completion = await client.complete(MESSAGES)
     assert completion.content == "hello"
@@ -372,7 +374,7 @@ async def test_a_401_that_survives_the_refresh_is_systemic(tmp_path: Path) -> No
         return httpx.Response(401, json={"error": {"code": "401", "message": "no"}})
 
     llm = azure(api_key=None, azure_ad_token_command=["echo", "cmd-token"])
-    client = ChatClient(llm, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    client = ChatClient(llm, post=stub_post(handler))
     with pytest.raises(LLMFailure) as caught:
         await client.complete(MESSAGES)
     assert caught.value.kind is FailureKind.SYSTEMIC
