@@ -2,7 +2,7 @@
 
 Decisions, and why:
 - The increase follows where the limit stands against the last congestion level (the
-  "ceiling": the in-flight count the congested request was admitted at, or the limit if lower):
+  "ceiling": the requests in flight when the congestion was answered, or the limit if lower):
   - below ceiling - 1 (recovering after a cut): half the way back per round trip, at least
     `increase_step`, since the level just below the ceiling held until the overload;
   - in [ceiling - 1, ceiling) (at the known-safe level): `probe_step` per round trip, so the
