@@ -82,7 +82,7 @@ class LLMCaller:
             if attempt == 1:
                 self.retry_budget.record_request()
             try:
-                ticket = await self._limiter.acquire(tokens)
+                ticket = await self._limiter.acquire(tokens, retry=attempt > 1)
             except LLMFailure as error:  # bigger than the whole token budget: fail fast
                 return CallResult(None, error, attempt - 1)
             reported = False

@@ -137,7 +137,10 @@ class AIMDLimiter:
             if tokens_per_minute
             else None
         )
+        # Two FIFO queues: retries are served before first attempts, so a row that met a 429
+        # goes again before rows of later windows that queued meanwhile, instead of behind them.
         self._waiters: deque[tuple[asyncio.Future[Ticket], int]] = deque()
+        self._retries: deque[tuple[asyncio.Future[Ticket], int]] = deque()
         self._wake_handle: asyncio.TimerHandle | None = None
         # The process-wide retry budget; the caller attaches it so one state() shows it all.
         self.retry_budget: RetryBudget | None = None
@@ -173,7 +176,7 @@ class AIMDLimiter:
         return LimiterState(
             limit=self._limit,
             in_flight=self._in_flight,
-            waiting=len(self._waiters),
+            waiting=len(self._waiters) + len(self._retries),
             not_before_in_s=max(0.0, self._not_before - now),
             decreases=self._decreases,
             ceiling=self._ceiling,
@@ -209,15 +212,16 @@ class AIMDLimiter:
         self._in_flight += 1
         return Ticket(now, self._in_flight, tokens, self.permits)
 
-    async def acquire(self, tokens: int = 0) -> Ticket:
-        """Wait, in FIFO order, for admission. Raises LLMFailure if `tokens` can never fit."""
+    async def acquire(self, tokens: int = 0, *, retry: bool = False) -> Ticket:
+        """Wait for admission, in FIFO order, retries first. Raises LLMFailure if `tokens` can
+        never fit."""
         self.check_fits(tokens)
-        if not self._waiters:
+        if not self._waiters and not self._retries:
             ticket = self.try_acquire(tokens)
             if ticket is not None:
                 return ticket
         future: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
-        self._waiters.append((future, tokens))
+        (self._retries if retry else self._waiters).append((future, tokens))
         self._schedule_wakeup()
         try:
             return await future
@@ -272,8 +276,10 @@ class AIMDLimiter:
     # ---- arithmetic -----------------------------------------------------------------------
 
     def _increase(self, ticket: Ticket) -> None:
-        used = bool(self._waiters) or (
-            ticket.in_flight_at_admission >= ticket.permits_at_admission * _USED_FRACTION
+        used = (
+            bool(self._waiters)
+            or bool(self._retries)
+            or (ticket.in_flight_at_admission >= ticket.permits_at_admission * _USED_FRACTION)
         )
         if not used:
             self._climb_gain = 1.0  # a climb continues only while traffic presses on the limit
@@ -355,21 +361,28 @@ class AIMDLimiter:
     # ---- waking ---------------------------------------------------------------------------
 
     def _remove_waiter(self, future: asyncio.Future[Ticket]) -> None:
-        for entry in self._waiters:
-            if entry[0] is future:
-                self._waiters.remove(entry)
-                return
+        for queue in (self._retries, self._waiters):
+            for entry in queue:
+                if entry[0] is future:
+                    queue.remove(entry)
+                    return
+
+    def _head(self) -> deque[tuple[asyncio.Future[Ticket], int]] | None:
+        """The queue to serve next, its head not yet done (cancelled heads are dropped)."""
+        for queue in (self._retries, self._waiters):
+            while queue and queue[0][0].done():
+                queue.popleft()
+            if queue:
+                return queue
+        return None
 
     def _wake(self) -> None:
-        while self._waiters:
-            future, tokens = self._waiters[0]
-            if future.done():
-                self._waiters.popleft()
-                continue
+        while (queue := self._head()) is not None:
+            future, tokens = queue[0]
             ticket = self.try_acquire(tokens)
             if ticket is None:
                 break
-            self._waiters.popleft()
+            queue.popleft()
             future.set_result(ticket)
         self._schedule_wakeup()
 
@@ -378,10 +391,11 @@ class AIMDLimiter:
         if self._wake_handle is not None:
             self._wake_handle.cancel()
             self._wake_handle = None
-        if not self._waiters:
+        queue = self._head()
+        if queue is None:
             return
         now = self._clock()
-        at = self._blocked_until(now, self._waiters[0][1])
+        at = self._blocked_until(now, queue[0][1])
         ramp_end = self._not_before + self._ramp_s
         permits = self.permits
         if at <= now and self._in_flight < permits and now < ramp_end:

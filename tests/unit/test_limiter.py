@@ -264,6 +264,46 @@ async def test_a_new_acquire_does_not_jump_the_queue() -> None:
     await late
 
 
+async def test_retries_are_admitted_before_first_attempts_that_queued_earlier() -> None:
+    lim = limiter(initial=1, maximum=1)
+    held = lim.try_acquire()
+    assert held is not None
+    order: list[str] = []
+
+    async def wait(name: str, retry: bool) -> None:
+        ticket = await lim.acquire(retry=retry)
+        order.append(name)
+        lim.on_ignore(ticket)
+
+    tasks = [
+        asyncio.create_task(wait("first-a", False)),
+        asyncio.create_task(wait("first-b", False)),
+        asyncio.create_task(wait("retry-a", True)),
+        asyncio.create_task(wait("retry-b", True)),
+    ]
+    await asyncio.sleep(0)
+    assert lim.state().waiting == 4
+    lim.on_ignore(held)
+    await asyncio.gather(*tasks)
+    assert order == ["retry-a", "retry-b", "first-a", "first-b"]
+
+
+async def test_cancelling_a_waiting_retry_removes_it_from_the_queue() -> None:
+    lim = limiter(initial=1, maximum=1)
+    held = lim.try_acquire()
+    assert held is not None
+    retry = asyncio.create_task(lim.acquire(retry=True))
+    first = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    retry.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await retry
+    assert lim.state().waiting == 1
+    lim.on_ignore(held)
+    ticket = await asyncio.wait_for(first, 1.0)
+    assert ticket.in_flight_at_admission == 1
+
+
 async def test_cancelling_a_waiting_acquire_does_not_leak_a_permit() -> None:
     lim = limiter(initial=1, maximum=1)
     held = lim.try_acquire()
