@@ -49,6 +49,8 @@ _RTT_EWMA_ALPHA = 0.2
 # The RTT floor creeps up by this fraction per second, so a lasting change of the base latency
 # (a different model, longer prompts) is learnt instead of reading as congestion forever.
 _RTT_FLOOR_DRIFT_PER_S = 0.01
+# A wake-up computed for a moment already past (float rounding at a ramp step) waits this long.
+_MIN_WAKE_S = 0.001
 # The RPM bucket holds 10 s worth of requests: Azure enforces RPM over 1 s / 10 s sub-windows.
 _RPM_BURST_S = 10.0
 
@@ -141,7 +143,7 @@ class AIMDLimiter:
         # goes again before rows of later windows that queued meanwhile, instead of behind them.
         self._waiters: deque[tuple[asyncio.Future[Ticket], int]] = deque()
         self._retries: deque[tuple[asyncio.Future[Ticket], int]] = deque()
-        self._wake_handle: asyncio.TimerHandle | None = None
+        self._wake_handle: asyncio.Handle | None = None
         # The process-wide retry budget; the caller attaches it so one state() shows it all.
         self.retry_budget: RetryBudget | None = None
 
@@ -387,20 +389,28 @@ class AIMDLimiter:
         self._schedule_wakeup()
 
     def _schedule_wakeup(self) -> None:
-        """Wake the queue when time alone (gate, ramp, bucket refill) would admit its head."""
+        """Make sure the queue's head gets woken: now if it could be admitted now, when time
+        alone would admit it (gate, ramp, bucket refill), or by a request in flight completing.
+
+        Called after every change; it replaces the pending wake-up, so it must never leave an
+        admissible head without one: with nothing in flight, nothing else would wake it.
+        """
         if self._wake_handle is not None:
             self._wake_handle.cancel()
             self._wake_handle = None
         queue = self._head()
         if queue is None:
             return
+        permits = self.permits
+        if self._in_flight >= permits:
+            return  # full: the completion of one of the requests in flight wakes the queue
+        loop = asyncio.get_running_loop()
         now = self._clock()
         at = self._blocked_until(now, queue[0][1])
-        ramp_end = self._not_before + self._ramp_s
-        permits = self.permits
-        if at <= now and self._in_flight < permits and now < ramp_end:
-            # inside the ramp: the next permit opens at this point of it
-            at = self._not_before + self._ramp_s * (self._in_flight + 1) / permits
         if at <= now:
-            return
-        self._wake_handle = asyncio.get_running_loop().call_later(at - now, self._wake)
+            if self._in_flight < self._permits_now(now):
+                self._wake_handle = loop.call_soon(self._wake)
+                return
+            # inside the re-entry ramp: the next permit opens at this point of it
+            at = self._not_before + self._ramp_s * (self._in_flight + 1) / permits
+        self._wake_handle = loop.call_later(max(at - now, _MIN_WAKE_S), self._wake)

@@ -530,6 +530,23 @@ def test_after_the_gate_the_permits_come_back_over_a_ramp() -> None:
     assert lim.state().in_flight == 10
 
 
+async def test_a_request_queued_inside_the_ramp_with_nothing_in_flight_is_still_woken() -> None:
+    """The stall the end-to-end bench hit with a capacity-limited provider: every request
+    drained during a Retry-After gate, the gate's wake-up was pending, and a new acquire
+    replaced it with nothing because the ramp step it computed had already passed."""
+    clock = FakeClock(0.0)
+    lim = limiter(initial=10, clock=clock, rng=0.0, jitter=0.5)
+    lim.defer(1.0)  # gate until 1.0 s, then permits come back over 0.5 s
+    first = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    assert not first.done()
+    clock.now = 1.3  # inside the ramp (6 of 10 permits), before the pending wake-up ran
+    second = asyncio.create_task(lim.acquire())
+    done, _ = await asyncio.wait({first, second}, timeout=0.5)
+    assert done == {first, second}
+    assert lim.state().in_flight == 2
+
+
 async def test_waiters_blocked_by_the_gate_are_woken_when_it_opens() -> None:
     lim = AIMDLimiter(4, 1, 4, retry_after_jitter=0.0)
     lim.defer(0.05)
