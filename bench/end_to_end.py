@@ -271,10 +271,16 @@ def report(results: list[Result], args: argparse.Namespace, ideal: float) -> str
             f"| {r.shape.label} | {len(r.windows)} | {cycle:.3f} | {ideal_w:.3f} "
             f"| {statistics.median(over):.3f} | {100 * share:.0f}% | {send:.3f} |"
         )
+    usable = min(args.concurrency, args.capacity) if args.capacity else args.concurrency
+    capacity = (
+        f"a hidden capacity of {args.capacity} (429, Retry-After {args.retry_after_s:g} s)"
+        if args.capacity
+        else "unlimited capacity"
+    )
     head = [
-        f"Ideal: {args.concurrency} concurrent / {args.latency_ms:.0f} ms = {ideal:.0f} rows/s. "
+        f"Ideal: {usable} concurrent / {args.latency_ms:.0f} ms = {ideal:.0f} rows/s. "
         f"{args.rows} rows over {args.partitions} partitions, fake LLM latency "
-        f"{args.latency_ms:.0f} ms, no jitter, unlimited capacity. "
+        f"{args.latency_ms:.0f} ms, no jitter, {capacity}. "
         f"Host: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"load average before the run {os.getloadavg()[0]:.2f}.",
         "",
@@ -285,14 +291,16 @@ def report(results: list[Result], args: argparse.Namespace, ideal: float) -> str
 async def main_async(args: argparse.Namespace) -> str:
     shapes = [Shape(*map(int, s.split(":"))) for s in args.shapes.split(",")]
     latency_s = args.latency_ms / 1000
-    ideal = args.concurrency / latency_s
+    usable = min(args.concurrency, args.capacity) if args.capacity else args.concurrency
+    ideal = usable / latency_s
     results: list[Result] = []
     workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     with kafka_broker() as broker:
         broker_pid = None
         if broker.state_dir is not None and (broker.state_dir / "kafka.pid").exists():
             broker_pid = int((broker.state_dir / "kafka.pid").read_text().strip())
-        llm_args = ["--latency-ms", str(args.latency_ms), "--jitter-ms", "0", "--capacity", "0"]
+        llm_args = ["--latency-ms", str(args.latency_ms), "--jitter-ms", "0"]
+        llm_args += ["--capacity", str(args.capacity), "--retry-after-s", str(args.retry_after_s)]
         with fake_llm_process(*llm_args) as llm:
             for shape in shapes:
                 print(f"running {shape.label} ...", flush=True)
@@ -322,6 +330,15 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=0,
+        help="the fake LLM's hidden concurrent capacity, 429 beyond it (0: unlimited); the "
+        "ideal becomes min(concurrency, capacity) / latency (the per-window table still "
+        "assumes 64 at once)",
+    )
+    parser.add_argument("--retry-after-s", type=float, default=0.1)
     parser.add_argument(
         "--shapes",
         default="256:1,512:1,512:2",
