@@ -148,9 +148,9 @@ async def scenario(args: argparse.Namespace, strategy: str) -> Outcome:
             SCHEDULE[0][0], 1, 128, clock=loop.time, probe_step=None, fast_climb=False
         )
     else:
-        limiter = AIMDLimiter.from_settings(concurrency)
-        limiter._clock = loop.time  # the sim's virtual clock
-        limiter._rng = random.Random(args.seed).random
+        limiter = AIMDLimiter.from_settings(
+            concurrency, clock=loop.time, rng=random.Random(args.seed).random
+        )
     retry = RetrySettings(initial_backoff_s=0.05, max_backoff_s=1.0)
     budget = RetryBudget(
         retry.budget_ratio, retry.budget_min_per_s, retry.budget_window_s, clock=loop.time

@@ -148,7 +148,12 @@ class AIMDLimiter:
         self.retry_budget: RetryBudget | None = None
 
     @classmethod
-    def from_settings(cls, settings: ConcurrencySettings) -> AIMDLimiter:
+    def from_settings(
+        cls,
+        settings: ConcurrencySettings,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> AIMDLimiter:
         """The process-wide limiter as configured in `llm.concurrency`."""
         return cls(
             initial=settings.initial,
@@ -157,6 +162,8 @@ class AIMDLimiter:
             decrease_factor=settings.decrease_factor,
             increase_step=settings.increase_step,
             retry_after_jitter=settings.retry_after_jitter,
+            clock=clock,
+            rng=rng,
             probe_step=settings.probe_step,
             fast_climb=settings.fast_climb,
             latency_signal=settings.latency_signal,
@@ -291,6 +298,8 @@ class AIMDLimiter:
         self._limit = min(float(self._max), self._limit + self._step_per_round_trip() / self._limit)
 
     def _step_per_round_trip(self) -> float:
+        """The increase per round trip for where the limit stands; reaching the ceiling clears
+        it, and each call while climbing advances the climb's doubling."""
         ceiling = self._ceiling
         if ceiling is not None and self._limit >= ceiling:
             self._ceiling = ceiling = None  # at the old congestion level without any: it moved
