@@ -1,14 +1,14 @@
-"""The wiring: records in -> windows -> enriched outcomes -> records out -> commits.
+"""The wiring: builds the chain of steps, runs the fetch loop, handles rebalances and signals.
 
-Two tasks share one event loop:
-- the poller keeps calling `getmany()` at all times (so the member stays in its group, even
-  while a long window runs or the provider is down), decodes records, fills the open window,
-  closes it on count or time, and pauses every partition while closed windows wait;
-- the processor takes closed windows in order, enriches their rows concurrently, produces one
-  output or dead letter per record, waits for the broker's acknowledgements, and commits the
-  contiguous finished prefix of each partition.
-Memory stays flat: at most one window in the processor, `max_pending_windows` waiting, one
-filling, and one closed window held while the partitions are paused.
+Data flows one way (`consumer/pipeline/`): decode -> windowing -> enrich -> encode ->
+deliver -> commit -> report. Each step hands finished work on when polled, and every task a
+step finishes wakes this loop, so work moves at once rather than on the fetch cadence. A step
+that is full rejects; the loop keeps the record and pauses the partitions (while still calling
+`getmany()`, so the member stays in its group) until the chain has room again.
+
+Revocation and shutdown take one path: close -> join within one deadline -> terminate. Every
+rebalance revokes every partition (aiokafka's eager protocol), so the chain is rebuilt on the
+next assignment and its records are fetched again from the committed offsets.
 """
 
 from __future__ import annotations
@@ -16,569 +16,335 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
-import time
 from collections import deque
-from collections.abc import Iterable
-from typing import Any
 
-import orjson
-from aiokafka import ConsumerRebalanceListener
-from aiokafka import TopicPartition as KafkaTopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
-
-from consumer import failpoints
 from consumer.config import Settings
-from consumer.decode import decode_row
-from consumer.enrich.outcome import OutputFields, RowOutcome
-from consumer.enrich.runner import WindowEnricher, window_failed_systemically
+from consumer.decode import RowLimits
+from consumer.enrich.outcome import OutputFields
+from consumer.enrich.runner import WindowEnricher
 from consumer.enrich.template import PromptTemplate
 from consumer.kafka.clients import build_consumer, build_producer
-from consumer.kafka.offsets import OffsetTracker
-from consumer.kafka.sink import Sink
+from consumer.kafka.sink import ProducerSink
+from consumer.kafka.source import KafkaSource
 from consumer.kafka.transactions import TransactionalSink
 from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient
 from consumer.llm.limiter import AIMDLimiter
 from consumer.observability import Metrics, Observability
-from consumer.records import DeadLetter, Item, OutgoingRecord, SourceRecord, TopicPartition
-from consumer.window import CloseReason, Window, WindowAccumulator
+from consumer.observability.health import BrokerHealth, PartitionProgress, ProviderHealth
+from consumer.pipeline import (
+    CommitStep,
+    Deadline,
+    DecodeStep,
+    EncodedWindow,
+    Encoder,
+    EncodeStep,
+    EnrichStep,
+    ProduceStep,
+    Rejected,
+    Replacements,
+    ReportStep,
+    Step,
+    TransactionalProduceStep,
+    Wakeup,
+    WindowingStep,
+)
+from consumer.records import SourceRecord, TopicPartition
+from consumer.retry import Backoff
+from consumer.window import CloseReason, WindowAccumulator
 
 log = logging.getLogger("consumer")
 
-_MAX_POLL_WAIT_S = 0.5
+_FETCH_WAIT_S = 0.5
+_FETCH_MAX_RECORDS = 500
 _LONG_PROVIDER_WAIT_S = 10.0
+_BROKER_BACKOFF = (0.5, 30.0)
 
 
-def _tp(tp: Any) -> TopicPartition:
-    return TopicPartition(tp.topic, tp.partition)
+class _Events:
+    """Delivery and commit news, passed on to the metrics and the health checks."""
+
+    def __init__(self, metrics: Metrics, broker: BrokerHealth, progress: PartitionProgress) -> None:
+        self._metrics, self._broker, self._progress = metrics, broker, progress
+
+    def dead_lettered(self, reason: str) -> None:
+        self._metrics.dead_letter(reason)
+
+    def broker_ok(self) -> None:
+        self._broker.record_ok()
+
+    def broker_error(self, what: str, error: BaseException) -> None:
+        self._broker.record_error(what, repr(error))
+
+    def partition_advanced(self, tp: TopicPartition) -> None:
+        self._progress.advanced(tp)
+
+    def committed(self, seconds: float) -> None:
+        self._metrics.committed(seconds)
 
 
-def _header(value: object) -> bytes:
-    return str(value).encode("utf-8")
+class _Chain:
+    """One chain of steps, built per assignment; the app keeps handles on three of them."""
 
-
-def _source_headers(record: SourceRecord) -> list[tuple[str, bytes]]:
-    return [
-        ("source.topic", _header(record.topic)),
-        ("source.partition", _header(record.partition)),
-        ("source.offset", _header(record.offset)),
-    ]
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, app: ConsumerApp) -> None:
-        self._app = app
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self._app.on_partitions_revoked({_tp(tp) for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self._app.on_partitions_assigned({_tp(tp) for tp in assigned})
+    def __init__(self, first: Step[SourceRecord], windowing: WindowingStep, enrich: EnrichStep):
+        self.first, self.windowing, self.enrich = first, windowing, enrich
 
 
 class ConsumerApp:
     """One consumer process. `await run()` until `request_stop()` (SIGTERM/SIGINT)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: AIMDLimiter | None = None,
+        client: ChatClient | None = None,
+    ) -> None:
         self.settings = settings
-        llm = settings.llm
-        self._consumer = build_consumer(settings.kafka)
-        compression = settings.delivery.output_compression
-        codec = None if compression == "none" else compression
+        llm, kafka = settings.llm, settings.kafka
+        self.metrics = Metrics(settings)
+        self.limiter = limiter or AIMDLimiter.from_settings(llm.concurrency)
+        self._client = client or ChatClient(llm)
+        self.provider_health = ProviderHealth()
+        self.broker_health = BrokerHealth()
+        self.progress = PartitionProgress(settings.observability.stuck_partition_after_s)
+        caller = LLMCaller(
+            self._client,
+            self.limiter,
+            llm.retry,
+            on_attempt=self.metrics.attempt_hook(),
+            health=self.provider_health,
+        )
+        template = PromptTemplate(llm)
+        self._enricher = WindowEnricher(template, caller)
+        self._encoder = Encoder(
+            kafka.output_topic,
+            kafka.dead_letter_topic,
+            OutputFields(llm.response_field, llm.model_name, template),
+            llm.model_name,
+            template.template_hash,
+        )
+        self._events = _Events(self.metrics, self.broker_health, self.progress)
+        self._source = KafkaSource(build_consumer(kafka))
+        codec = settings.delivery.output_compression
+        compression = None if codec == "none" else codec
         exactly_once = settings.delivery.mode == "exactly_once"
-        # Exactly-once produces only through the per-partition transactional producers, so the
-        # shared idempotent producer is not even started then.
         self._transactions = (
-            TransactionalSink(settings.kafka, codec, settings.delivery.transactional_id_prefix)
+            TransactionalSink(kafka, compression, settings.delivery.transactional_id_prefix)
             if exactly_once
             else None
         )
-        self._producer = None if exactly_once else build_producer(settings.kafka, codec)
-        self._sink = Sink(self._producer) if self._producer is not None else None
-        self._client = ChatClient(llm)
-        self.metrics = Metrics(settings)
-        self.limiter = AIMDLimiter.from_settings(llm.concurrency)
-        template = PromptTemplate(llm)
-        caller = LLMCaller(
-            self._client, self.limiter, llm.retry, on_attempt=self.metrics.attempt_hook()
+        self._sink = (
+            None if exactly_once else ProducerSink(lambda: build_producer(kafka, compression))
         )
-        self._enricher = WindowEnricher(template, caller)
-        self._fields = OutputFields(llm.response_field, llm.model_name, template)
-        self._template_hash = _header(template.template_hash)
-        self._model_header = _header(llm.model_name)
-        self._tracker = OffsetTracker()
-        self._accumulator = WindowAccumulator(
-            settings.window.max_messages, settings.window.max_wait_ms / 1000.0
-        )
-        self._closed: deque[Window] = deque()
-        self._ready: deque[Window] = deque()
-        self._ready_changed = asyncio.Event()
-        self._processing: asyncio.Task[None] | None = None
-        self._enrichments: dict[str, asyncio.Task[list[RowOutcome]]] = {}
-        self._not_revoking = asyncio.Event()
-        self._not_revoking.set()
-        self._input_done = False
-        self._failed = False
+        self._wakeup = Wakeup()
+        self._chain: _Chain | None = None
+        self._records: deque[SourceRecord] = deque()
+        self._fetch: asyncio.Task[list[SourceRecord]] | None = None
         self._stopping = asyncio.Event()
-        self._holding: set[str] = set()
-        self.stats: dict[str, int] = {
-            "consumed": 0,
-            "produced": 0,
-            "dead_lettered": 0,
-            "row_errors": 0,
-            "windows": 0,
-            "commits": 0,
-        }
-        self.observability = Observability(settings, self.metrics, self, self._consumer)
+        self.observability = Observability(
+            settings,
+            self.metrics,
+            self,
+            self._source.consumer,
+            provider=self.provider_health,
+            broker=self.broker_health,
+            progress=self.progress,
+        )
 
     @property
     def held_back(self) -> bool:
-        """A window is waiting out a provider outage (readiness reports it)."""
-        return bool(self._holding)
+        return self.held_back_reason is not None
+
+    @property
+    def held_back_reason(self) -> str | None:
+        """Why a window is waiting out a provider failure (readiness reports it)."""
+        return self._chain.enrich.held_back_reason if self._chain is not None else None
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
-            log.info("stop requested: finishing the open window, then committing")
+            log.info("stop requested: finishing the windows in flight, then committing")
             self._stopping.set()
-            self._ready_changed.set()
+            self._wakeup.set()
+
+    def _build_chain(self) -> _Chain:
+        """The steps in the order data flows through them; the only place that knows it."""
+        settings = self.settings
+        broker_backoff = Backoff(*_BROKER_BACKOFF)
+        replacements = Replacements(
+            self._encoder, settings.delivery.dead_letter_fallback, self._events
+        )
+        report = ReportStep(
+            self.metrics, settings.kafka.dead_letter_topic, lambda: self.limiter.limit
+        )
+        deliver: Step[EncodedWindow]
+        if self._transactions is not None:
+            deliver = TransactionalProduceStep(
+                self._transactions,
+                settings.kafka.group_id,
+                replacements,
+                self._events,
+                broker_backoff,
+                report,
+                self._wakeup,
+            )
+        else:
+            assert self._sink is not None
+            commit = CommitStep(self._source, self._events, report, self._wakeup, broker_backoff)
+            deliver = ProduceStep(
+                self._sink, replacements, self._events, broker_backoff, commit, self._wakeup
+            )
+        encode = EncodeStep(self._encoder, deliver)
+        retry = settings.llm.retry
+        enrich = EnrichStep(
+            self._enricher,
+            retry,
+            self.provider_health,
+            settings.window.max_pending_windows,
+            encode,
+            self._wakeup,
+            Backoff(2.0, retry.window_backoff_max_s),
+        )
+        window = settings.window
+        windowing = WindowingStep(
+            WindowAccumulator(window.max_messages, window.max_wait_ms / 1000.0),
+            enrich,
+            self._wakeup,
+        )
+        decode = DecodeStep(
+            RowLimits.from_settings(settings.kafka), windowing, self.metrics.consumed
+        )
+        return _Chain(decode, windowing, enrich)
 
     async def run(self) -> int:
         """Consume until asked to stop; returns the process exit code."""
         kafka = self.settings.kafka
         await self.observability.start()
-        if self._producer is not None:
-            await self._producer.start()
+        failed = False
         try:
-            await self._consumer.start()
-            try:
-                self._consumer.subscribe([kafka.input_topic], listener=_Rebalance(self))
-                log.info(
-                    "consuming",
-                    extra={
-                        "input": kafka.input_topic,
-                        "output": kafka.output_topic,
-                        "dlq": kafka.dead_letter_topic,
-                        "group": kafka.group_id,
-                    },
-                )
-                processor = asyncio.create_task(self._process_loop(), name="processor")
-                processor.add_done_callback(self._on_processor_done)
-                try:
-                    await self._poll_loop()
-                    await self._drain(processor)
-                finally:
-                    if not processor.done():
-                        processor.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await processor
-                    for task in self._enrichments.values():
-                        task.cancel()
-            finally:
-                await self._commit()
-                await self._consumer.stop()
-        finally:
-            if self._transactions is not None:
-                await self._transactions.close()
-            if self._producer is not None:
-                await self._producer.stop()
-            await self._client.aclose()
-            await self.observability.stop()
-        log.info("stopped", extra=self.stats)
-        return 1 if self._failed else 0
-
-    def _on_processor_done(self, task: asyncio.Task[None]) -> None:
-        """A processor that died must stop the process: polling on without it would stall."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error("processing failed; stopping", exc_info=task.exception())
-            self._failed = True
-            self._stopping.set()
-
-    # ---- poller -------------------------------------------------------------------------
-
-    async def _poll_loop(self) -> None:
-        while not self._stopping.is_set():
-            self.observability.beat()
-            self._apply_backpressure()
-            deadline = self._accumulator.deadline()
-            wait = _MAX_POLL_WAIT_S
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - time.monotonic()))
-            batch = await self._consumer.getmany(
-                timeout_ms=int(wait * 1000), max_records=max(1, self._accumulator.room)
-            )
-            for records in batch.values():
-                for record in records:
-                    self._accept(record)
-            window = self._accumulator.close_if_due()
-            if window is not None:
-                self._closed.append(window)
-            self._hand_over(self.settings.window.max_pending_windows)
-        window = self._accumulator.close(CloseReason.SHUTDOWN)
-        if window is not None:
-            self._closed.append(window)
-
-    def _accept(self, raw: Any) -> None:
-        record = SourceRecord(
-            topic=raw.topic,
-            partition=raw.partition,
-            offset=raw.offset,
-            key=raw.key,
-            value=raw.value,
-            timestamp=raw.timestamp,
-            headers=tuple(raw.headers or ()),
-        )
-        decoded = decode_row(record.value, self.settings.kafka.max_row_bytes)
-        item = (
-            Item(record, dead_letter=decoded)
-            if isinstance(decoded, DeadLetter)
-            else Item(record, row=decoded)
-        )
-        self.stats["consumed"] += 1
-        self.metrics.consumed()
-        self._tracker.track(record.tp, record.offset)
-        window = self._accumulator.add(item)
-        if window is not None:
-            self._closed.append(window)
-
-    def _hand_over(self, capacity: int) -> None:
-        while self._closed and len(self._ready) < capacity:
-            window = self._closed.popleft()
-            self._ready.append(window)
-            self._start_enrichment(window)
-            self._ready_changed.set()
-
-    def _start_enrichment(self, window: Window) -> None:
-        """Waiting windows are enriched early, so no limiter slot idles at a window's tail.
-
-        Their rows queue in the limiter behind the current window's (admission is FIFO), so they
-        only take the slots its slowest rows leave free; outputs are still produced in order.
-        """
-        if window.id not in self._enrichments:
-            self._enrichments[window.id] = asyncio.create_task(self._enrich(window))
-
-    def _cancel_enrichment(self, window: Window) -> None:
-        task = self._enrichments.pop(window.id, None)
-        if task is not None:
-            task.cancel()
-
-    def _apply_backpressure(self) -> None:
-        """Pause every partition while a closed window waits for the processor, or while the
-        provider asked for a long wait (Retry-After): fetching more would only fill memory."""
-        assigned = self._consumer.assignment()
-        provider_wait = self.limiter.state().not_before_in_s > _LONG_PROVIDER_WAIT_S
-        if self._closed or self._stopping.is_set() or provider_wait:
-            if assigned - self._consumer.paused():
-                self._consumer.pause(*assigned)
-        elif self._consumer.paused():
-            self._consumer.resume(*self._consumer.paused())
-
-    async def _drain(self, processor: asyncio.Task[None]) -> None:
-        """Shutdown: hand the last windows over and keep the membership alive while they run."""
-        grace_ends = time.monotonic() + self.settings.delivery.shutdown_grace_s
-        self._hand_over(len(self._closed) + len(self._ready))
-        self._input_done = True
-        self._ready_changed.set()
-        while not processor.done() and time.monotonic() < grace_ends:
-            self._apply_backpressure()
-            await self._consumer.getmany(timeout_ms=100)
-        if not processor.done():
-            log.warning("shutdown grace elapsed: unfinished windows stay uncommitted")
-            processor.cancel()
-
-    # ---- processor ----------------------------------------------------------------------
-
-    async def _process_loop(self) -> None:
-        while True:
-            while not self._ready:
-                if self._input_done:
-                    return
-                self._ready_changed.clear()
-                await self._ready_changed.wait()
-            if not self._not_revoking.is_set():
-                await self._not_revoking.wait()
-                continue
-            window = self._ready.popleft()
-            self._processing = asyncio.create_task(self._process_window(window))
-            await asyncio.wait([self._processing])
-            task, self._processing = self._processing, None
-            if task.cancelled():
-                log.warning("window abandoned", extra={"window_id": window.id})
-            elif task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-
-    async def _process_window(self, window: Window) -> None:
-        started = time.monotonic()
-        row_items = [item for item in window.items if item.row is not None]
-        self._start_enrichment(window)
-        try:
-            outcomes = await self._enrichments[window.id]
-        finally:
-            self._enrichments.pop(window.id, None)
-        by_item = {id(item): outcome for item, outcome in zip(row_items, outcomes, strict=True)}
-        records = [self._outgoing(window, item, by_item.get(id(item))) for item in window.items]
-        if self._transactions is not None:
-            await self._deliver_transactions(window, records)
-        else:
-            await self._deliver(window, records)
-            failpoints.reach("after_produce")
-            for item in window.items:
-                self._tracker.finish(item.record.tp, item.record.offset)
-        errors = sum(1 for o in outcomes if o.error is not None)
-        dead = len(window.items) - len(row_items)
-        self.stats["windows"] += 1
-        self.stats["produced"] += len(row_items)
-        self.stats["dead_lettered"] += dead
-        self.stats["row_errors"] += errors
-        self.metrics.window_done(window, outcomes, time.monotonic() - started)
-        await self._commit()
-        log.info(
-            "window done",
-            extra={
-                "window_id": window.id,
-                "close_reason": str(window.close_reason),
-                "rows": len(row_items),
-                "row_errors": errors,
-                "dead_letters": dead,
-                "seconds": round(time.monotonic() - started, 3),
-                "partitions": _offset_ranges(window.items),
-                "limit": round(self.limiter.limit, 1),
-            },
-        )
-
-    async def _enrich(self, window: Window) -> list[RowOutcome]:
-        """Enrich the window's rows; while the provider (not the rows) fails, wait and retry.
-
-        A round in which every row that reached the provider failed is an outage: the window
-        waits (offsets uncommitted) for as long as it lasts. When only some rows ran out of
-        retries, the window is held back `partial_window_retries` times before those rows get
-        their error, so the edge of an outage does not turn into error rows either.
-        """
-        rows: list[dict[str, Any]] = [item.row for item in window.items if item.row is not None]
-        retry = self.settings.llm.retry
-        outcomes = await self._enricher.enrich(rows)
-        round_outcomes = outcomes
-        holds = partial_holds = 0
-        while any(o.needs_retry_later for o in outcomes):
-            if not window_failed_systemically(round_outcomes):
-                if partial_holds >= retry.partial_window_retries:
-                    break
-                partial_holds += 1
-            holds += 1
-            self._holding.add(window.id)
-            first = next(o.error for o in outcomes if o.needs_retry_later)
-            delay = min(retry.window_backoff_max_s, 2.0**holds) * (0.5 + 0.5 * random.random())
-            log.warning(
-                "window held back: the provider is failing, offsets stay uncommitted",
+            if self._sink is not None:
+                await self._sink.start()
+            await self._source.start()
+            self._source.subscribe(kafka.input_topic, self._on_assigned, self._on_revoked)
+            log.info(
+                "consuming",
                 extra={
-                    "window_id": window.id,
-                    "reason": first.reason if first else "",
-                    "status_code": first.status_code if first else None,
-                    "failed_rows": sum(1 for o in outcomes if o.needs_retry_later),
-                    "retry_in_s": round(delay, 1),
+                    "input": kafka.input_topic,
+                    "output": kafka.output_topic,
+                    "dlq": kafka.dead_letter_topic,
+                    "group": kafka.group_id,
                 },
             )
-            await self._sleep_unless_stopping(delay)
-            if self._stopping.is_set():
-                raise asyncio.CancelledError("stopping while the provider is failing")
-            todo = [i for i, o in enumerate(outcomes) if o.needs_retry_later]
-            round_outcomes = await self._enricher.enrich([rows[i] for i in todo])
-            for index, outcome in zip(todo, round_outcomes, strict=True):
-                outcomes[index] = outcome
-        self._holding.discard(window.id)
-        return outcomes
-
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-
-    def _outgoing(self, window: Window, item: Item, outcome: RowOutcome | None) -> OutgoingRecord:
-        record = item.record
-        headers = _source_headers(record)
-        headers.append(("window.id", _header(window.id)))
-        if item.dead_letter is not None or outcome is None:
-            letter = item.dead_letter or DeadLetter("internal", "no outcome")
-            return OutgoingRecord(
-                topic=self.settings.kafka.dead_letter_topic,
-                key=record.key,
-                value=record.value,
-                headers=[
-                    *record.headers,
-                    ("dlq.reason", _header(letter.reason)),
-                    ("dlq.message", _header(letter.message)),
-                    *headers,
-                    ("source.timestamp", _header(record.timestamp)),
-                ],
-            )
-        assert item.row is not None
-        headers.append(("llm.model", self._model_header))
-        headers.append(("llm.template_hash", self._template_hash))
-        value = orjson.dumps(self._fields.apply(item.row, outcome), option=orjson.OPT_NON_STR_KEYS)
-        return OutgoingRecord(
-            topic=self.settings.kafka.output_topic, key=record.key, value=value, headers=headers
-        )
-
-    async def _deliver(self, window: Window, records: list[OutgoingRecord]) -> None:
-        """Produce until the broker acknowledged everything; never commit around a failure."""
-        assert self._sink is not None
-        attempt = 0
-        while True:
             try:
-                await self._sink.deliver(records)
-                return
-            except KafkaError as error:
-                attempt += 1
-                await self._broker_backoff(
-                    window, attempt, error, "produce failed, retrying (outputs may repeat)"
-                )
-
-    async def _broker_backoff(
-        self, window: Window, attempt: int, error: Exception, what: str
-    ) -> None:
-        """Wait before trying the broker again; the offsets stay uncommitted meanwhile."""
-        delay = min(30.0, 0.5 * 2**attempt)
-        log.warning(what, extra={"window_id": window.id, "error": repr(error), "retry_in_s": delay})
-        await asyncio.sleep(delay)
-
-    async def _deliver_transactions(self, window: Window, records: list[OutgoingRecord]) -> None:
-        """Exactly-once: per input partition, produce its records and commit its offset in one
-        transaction; retried (aborting first) until it commits or the partition is fenced."""
-        assert self._transactions is not None
-        by_partition: dict[TopicPartition, list[tuple[Item, OutgoingRecord]]] = {}
-        for item, record in zip(window.items, records, strict=True):
-            by_partition.setdefault(item.record.tp, []).append((item, record))
-        for tp, pairs in by_partition.items():
-            next_offset = max(item.record.offset for item, _ in pairs) + 1
-            started = time.monotonic()
-            if await self._transact(window, tp, [r for _, r in pairs], next_offset):
-                self.metrics.committed(time.monotonic() - started)
-                for item, _ in pairs:
-                    self._tracker.finish(tp, item.record.offset)
-                self._tracker.committed({tp: next_offset})
-        self.stats["commits"] += len(by_partition)
-
-    async def _transact(
-        self, window: Window, tp: TopicPartition, records: list[OutgoingRecord], next_offset: int
-    ) -> bool:
-        """True once committed; False if fenced (the partition has a new owner)."""
-        assert self._transactions is not None
-        attempt = 0
-        while True:
-            try:
-                await self._transactions.deliver(
-                    tp, records, next_offset, self.settings.kafka.group_id
-                )
-                return True
-            except ProducerFenced:
-                log.warning(
-                    "fenced: another member owns this partition now; its work is dropped",
-                    extra={"window_id": window.id, "partition": tuple(tp)},
-                )
-                self._tracker.forget([tp])
-                return False
-            except KafkaError as error:
-                attempt += 1
-                await self._broker_backoff(window, attempt, error, "transaction failed, retrying")
-                await self._transactions.reset(tp)
-
-    async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
-        if self._transactions is not None:
-            return
-        assigned = {_tp(tp) for tp in self._consumer.assignment()}
-        wanted = set(only) if only is not None else assigned
-        offsets = {
-            tp: o for tp, o in self._tracker.committable().items() if tp in wanted & assigned
-        }
-        if not offsets:
-            return
-        started = time.monotonic()
-        try:
-            await self._consumer.commit(
-                {KafkaTopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}
-            )
-        except KafkaError as error:
-            log.warning("commit failed; will retry with the next one", extra={"error": repr(error)})
-            return
-        self._tracker.committed(offsets)
-        self.stats["commits"] += 1
-        self.metrics.committed(time.monotonic() - started)
-
-    # ---- rebalance ----------------------------------------------------------------------
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish (or abandon) in-flight work within a budget, commit it, let the rest go.
-
-        The budget is half the group's rebalance timeout: the group waits that long for this
-        member to rejoin, and committing plus rejoining needs the rest.
-        """
-        if not revoked:
-            return
-        self._not_revoking.clear()
-        try:
-            await self._release(revoked)
+                await self._loop()
+            except Exception:
+                log.exception("processing failed; stopping without committing what is in flight")
+                failed = True
+            await self._release(CloseReason.SHUTDOWN, abandon=failed)
         finally:
-            self._not_revoking.set()
+            await self._source.stop()
+            if self._transactions is not None:
+                await self._transactions.close()
+            if self._sink is not None:
+                await self._sink.stop()
+            await self._client.aclose()
+            await self.observability.stop()
+        log.info("stopped")
+        return 1 if failed else 0
 
-    async def _release(self, revoked: set[TopicPartition]) -> None:
-        budget = self.settings.kafka.rebalance_timeout_ms / 1000.0 * 0.5
-        processing = self._processing
-        if processing is not None and not processing.done():
-            done, _ = await asyncio.wait([processing], timeout=budget)
-            if not done:
-                processing.cancel()
+    async def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self.observability.beat()
+                chain = self._chain
+                if chain is not None:
+                    chain.first.poll()
+                    self._feed(chain)
+                self._apply_backpressure()
+                fetch = self._fetch
+                if fetch is None:
+                    fetch = self._fetch = asyncio.create_task(
+                        self._source.fetch(_FETCH_WAIT_S, _FETCH_MAX_RECORDS)
+                    )
+                woken = asyncio.ensure_future(self._wakeup.wait(_FETCH_WAIT_S))
+                await asyncio.wait([fetch, woken], return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if fetch.done() and fetch is self._fetch:
+                    self._fetch = None
+                    self._records.extend(fetch.result())
+        finally:
+            if self._fetch is not None:
+                self._fetch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await processing
-        await self._commit(revoked)
-        abandoned = processing is not None and processing.cancelled()
-        self._rewind(revoked, include_assigned=abandoned)
+                    await self._fetch
+                self._fetch = None
+
+    def _feed(self, chain: _Chain) -> None:
+        records = self._records
+        try:
+            while records:
+                chain.first.submit(records[0])
+                records.popleft()
+        except Rejected:
+            pass
+
+    def _apply_backpressure(self) -> None:
+        """Pause while records wait for room, or while the provider asked for a long wait."""
+        provider_wait = self.limiter.state().not_before_in_s > _LONG_PROVIDER_WAIT_S
+        if self._records or self._stopping.is_set() or provider_wait:
+            self._source.pause_all()
+        else:
+            self._source.resume_all()
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._transactions is not None:
-            await self._transactions.release(revoked)
+            await self._transactions.assign(assigned)
+        self._chain = self._build_chain()
+        self._wakeup.set()
+        log.info("partitions assigned", extra={"partitions": sorted(map(tuple, assigned))})
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Finish what fits in half the rebalance timeout (the group waits that long for us
+        to rejoin; committing and rejoining need the rest), let the rest go."""
+        if self._chain is None:
+            return
+        abandoned = await self._release(CloseReason.REVOKE)
         log.info(
             "partitions revoked",
             extra={"partitions": sorted(map(tuple, revoked)), "abandoned_window": abandoned},
         )
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def _release(self, reason: CloseReason, abandon: bool = False) -> bool:
+        """close -> join -> terminate the chain within one deadline; True if work was dropped."""
+        chain, self._chain = self._chain, None
+        self._records.clear()
+        budget = (
+            self.settings.delivery.shutdown_grace_s
+            if reason is CloseReason.SHUTDOWN
+            else self.settings.kafka.rebalance_timeout_ms / 1000.0 * 0.5
+        )
+        deadline = Deadline(0.0 if abandon else budget)
+        dropped = False
+        if self._fetch is not None and self._fetch.done():
+            self._fetch = None  # fetched for the old assignment: read again after the next one
+        if chain is not None:
+            chain.windowing.close_reason(reason)
+            chain.first.close()
+            try:
+                await chain.first.join(deadline)
+            except Exception:
+                log.exception("finishing the windows in flight failed")
+            dropped = chain.enrich.in_flight > 0
+            chain.first.terminate()
+        if dropped:
+            log.warning(
+                "windows left unfinished: their offsets stay uncommitted for the next owner",
+                extra={"reason": str(reason)},
+            )
         if self._transactions is not None:
-            await self._transactions.assign(assigned)
-        log.info("partitions assigned", extra={"partitions": sorted(map(tuple, assigned))})
-
-    def _rewind(self, revoked: set[TopicPartition], include_assigned: bool) -> None:
-        """Drop unfinished work of revoked partitions: their next owner reads it again.
-
-        After an abandoned window, partitions that stay assigned lose their unfinished work
-        too and are seeked back to their first unfinished offset, so it is read again in order.
-        """
-        assigned = {_tp(tp) for tp in self._consumer.assignment()}
-        dropped = revoked | assigned if include_assigned else revoked
-        self._accumulator.drop_partitions(dropped)
-        for queue in (self._closed, self._ready):
-            for window in list(queue):
-                kept = [i for i in window.items if i.record.tp not in dropped]
-                if len(kept) == len(window.items):
-                    continue
-                self._cancel_enrichment(window)
-                window.items = kept
-                if not kept:
-                    queue.remove(window)
-                elif queue is self._ready:
-                    self._start_enrichment(window)
-        for tp in dropped - revoked:
-            first = self._tracker.first_pending(tp)
-            if first is not None:
-                self._consumer.seek(KafkaTopicPartition(tp.topic, tp.partition), first)
-        self._tracker.forget(dropped)
-
-
-def _offset_ranges(items: list[Item]) -> dict[str, str]:
-    ranges: dict[str, list[int]] = {}
-    for item in items:
-        key = f"{item.record.topic}/{item.record.partition}"
-        bounds = ranges.setdefault(key, [item.record.offset, item.record.offset])
-        bounds[0] = min(bounds[0], item.record.offset)
-        bounds[1] = max(bounds[1], item.record.offset)
-    return {key: f"{low}-{high}" for key, (low, high) in ranges.items()}
+            await self._transactions.close()
+        self.progress.reset()
+        return dropped
 
 
 async def run_app(settings: Settings) -> int:

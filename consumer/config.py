@@ -72,6 +72,19 @@ class KafkaSettings(_Model):
     max_row_bytes: int = Field(
         default=1_000_000, ge=1, description="Input messages larger than this go to the DLQ."
     )
+    max_row_depth: int = Field(
+        default=64,
+        ge=1,
+        le=200,
+        description="Rows nested deeper than this (objects and arrays) go to the DLQ. At most 200: "
+        "the output encoder stops at about 254 levels, and the added fields need room.",
+    )
+    max_key_bytes: int = Field(
+        default=65_536,
+        ge=1,
+        description="Input messages with a key larger than this go to the DLQ (outputs keep the "
+        "key).",
+    )
     consumer_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for AIOKafkaConsumer."
     )
@@ -105,10 +118,13 @@ class WindowSettings(_Model):
         default=2_000, ge=1, description="Measured from the window's first message."
     )
     max_pending_windows: int = Field(
-        default=1,
+        default=4,
         ge=1,
-        le=16,
-        description="Closed windows allowed to wait while one is enriched (bounds memory).",
+        le=64,
+        description=(
+            "Windows enriched at the same time (their rows share the limiter, oldest first; "
+            "outputs leave in order). Bounds memory: about this many windows of rows are held."
+        ),
     )
 
 
@@ -194,6 +210,14 @@ class RetrySettings(_Model):
             "Times a window is held back and its failed rows tried again when only some rows ran "
             "out of retries; after that they get a retries_exhausted error. A window whose rows "
             "all fail is held back for as long as that lasts."
+        ),
+    )
+    row_deadline_s: float = Field(
+        default=180.0,
+        gt=0.0,
+        description=(
+            "A row's attempts in one round stop once this long has passed since its first, "
+            "even if max_attempts is not reached (rows that hang or always fail end)."
         ),
     )
     window_backoff_max_s: float = Field(
@@ -346,6 +370,14 @@ class DeliverySettings(_Model):
         default=30.0, gt=0.0, description="Time to finish the open window on SIGTERM."
     )
     output_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    dead_letter_fallback: Literal["stub", "stop"] = Field(
+        default="stub",
+        description=(
+            "When the dead-letter topic refuses a dead letter (too large for it): stub writes a "
+            "small one instead, with the first KB of the value, the source coordinates and the "
+            "reason; stop ends the consumer with an error, the record uncommitted."
+        ),
+    )
 
 
 class LoggingSettings(_Model):
@@ -372,6 +404,18 @@ class ObservabilitySettings(_Model):
     )
     lag_interval_s: float = Field(
         default=10.0, gt=0.0, description="How often consumer lag per partition is measured."
+    )
+    broker_probe_interval_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="How often a metadata request checks that the broker answers; /readyz "
+        "reports the broker unreachable after about 3 s without an answer.",
+    )
+    stuck_partition_after_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="/readyz reports a partition stuck when it has lag and its committed offset "
+        "did not move for this long (found within lag_interval_s more).",
     )
 
 

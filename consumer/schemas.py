@@ -87,13 +87,26 @@ def input_row_schema() -> dict[str, Any]:
 
 
 def dead_letter_schema() -> dict[str, Any]:
-    reasons = ["tombstone", "empty", "too_large", "invalid_utf8", "invalid_json", "not_an_object"]
+    reasons = [
+        "tombstone",
+        "empty",
+        "key_too_large",
+        "too_large",
+        "invalid_utf8",
+        "invalid_json",
+        "not_an_object",
+        "too_deep",
+        "output_rejected",
+        "internal_error",
+    ]
     return {
         "$schema": _DRAFT,
         "title": "llm-consumer dead-letter record headers",
         "description": (
             "A dead-letter record keeps the input's key, value bytes and headers untouched; "
-            "these headers are added (values are UTF-8 strings)."
+            "these headers are added (values are UTF-8 strings). When the dead-letter topic "
+            "refused the whole record (too large for it), a stub is written instead: the first "
+            "KB of the key and value, these headers without the input's own, and dlq.truncated."
         ),
         "type": "object",
         "properties": {
@@ -104,6 +117,10 @@ def dead_letter_schema() -> dict[str, Any]:
             "source.offset": {"type": "string", "pattern": "^[0-9]+$"},
             "source.timestamp": {"type": "string"},
             "window.id": {"type": "string"},
+            "dlq.truncated": {"const": "true"},
+            "dlq.original_value_bytes": {"type": "string", "pattern": "^[0-9]+$"},
+            "dlq.original_key_bytes": {"type": "string", "pattern": "^[0-9]+$"},
+            "dlq.refused": {"type": "string", "description": "Why the whole record was refused."},
         },
         "required": [
             "dlq.reason",

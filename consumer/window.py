@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 from consumer.records import Item, TopicPartition
@@ -32,8 +32,18 @@ class Window:
     items: list[Item]
     opened_at: float
     close_reason: CloseReason | None = None
-    closed_at: float | None = None
-    partitions: set[TopicPartition] = field(default_factory=set)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """The offsets to commit once this window is delivered: last offset + 1 per partition.
+
+        Windows travel the pipeline in order, so every earlier record of these partitions was
+        in an earlier window that was delivered before this one.
+        """
+        offsets: dict[TopicPartition, int] = {}
+        for item in self.items:
+            tp = item.record.tp
+            offsets[tp] = max(offsets.get(tp, 0), item.record.offset + 1)
+        return offsets
 
 
 class WindowAccumulator:
@@ -48,15 +58,6 @@ class WindowAccumulator:
         self._sequence = itertools.count(1)
         self._open: Window | None = None
 
-    @property
-    def room(self) -> int:
-        """How many more items fit before the window closes on count."""
-        return self._max_messages - (len(self._open.items) if self._open else 0)
-
-    @property
-    def size(self) -> int:
-        return len(self._open.items) if self._open else 0
-
     def deadline(self) -> float | None:
         """When the open window must close on time, or None if nothing is open."""
         return None if self._open is None else self._open.opened_at + self._max_wait_s
@@ -68,7 +69,6 @@ class WindowAccumulator:
                 id=f"{_RUN_ID}-{next(self._sequence)}", items=[], opened_at=self._clock()
             )
         self._open.items.append(item)
-        self._open.partitions.add(item.record.tp)
         if len(self._open.items) >= self._max_messages:
             return self.close(CloseReason.COUNT)
         return None
@@ -84,17 +84,4 @@ class WindowAccumulator:
         window, self._open = self._open, None
         if window is not None:
             window.close_reason = reason
-            window.closed_at = self._clock()
         return window
-
-    def drop_partitions(self, partitions: Iterable[TopicPartition]) -> int:
-        """Forget items of revoked partitions (their new owner reads them again)."""
-        if self._open is None:
-            return 0
-        revoked = set(partitions)
-        before = len(self._open.items)
-        self._open.items = [i for i in self._open.items if i.record.tp not in revoked]
-        self._open.partitions -= revoked
-        if not self._open.items:
-            self._open = None
-        return before - (len(self._open.items) if self._open else 0)

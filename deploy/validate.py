@@ -1,14 +1,17 @@
 """Offline checks of everything in deploy/: run by `make validate-deploy` (part of `make test`).
 
 - Kubernetes manifests: the JSON schemas bundled by `kubernetes-validate` (strict: unknown fields
-  fail), a hand-written schema subset for KEDA's ScaledObject/TriggerAuthentication, and
-  cross-file checks (selectors, probes on the configured port, graceful termination longer than
-  the shutdown grace, the ConfigMap's settings valid for this version of the consumer).
+  fail), hand-written schema subsets for KEDA's ScaledObject/TriggerAuthentication and the
+  Prometheus Operator's PrometheusRule, and cross-file checks (selectors, probes on the
+  configured port, graceful termination longer than the shutdown grace, the ConfigMap's
+  settings valid for this version of the consumer, alerts only on exported metrics and on every
+  readiness check, CRD-only kinds kept out of kustomization.yaml).
 - compose.yaml: the compose-spec JSON schema vendored by `check-jsonschema`, plus the demo's
   shape (apache/kafka in KRaft mode, fake LLM, one-shot publisher, consumer).
 - Dockerfile: parsed with `dockerfile-parse`: multi-stage, slim base, non-root USER, no build
   tools in the final stage, `llm-consumer` entry point running `run`.
-- Grafana dashboard: valid JSON whose queries only use metric names the consumer exports.
+- Grafana dashboard: valid JSON whose queries only use metric names the consumer exports (the
+  same query check as the alert rules).
 
 Nothing here needs a network, a cluster or a Docker daemon. Exit code 1 lists every problem.
 """
@@ -184,6 +187,78 @@ KEDA_KAFKA_KEYS = {
 }
 
 
+PROMETHEUS_API = "monitoring.coreos.com/v1"
+# Optional kinds whose CRD a cluster may not have: `kubectl apply -k` would fail on them, so
+# their files stay out of kustomization.yaml and are applied on their own. (KEDA's CRDs are not
+# optional: the deployment needs its ScaledObject.)
+APPLIED_SEPARATELY = {"PrometheusRule"}
+# The readiness checks of /readyz as gauges: each needs an alert, or a reason goes unnoticed.
+ALERTED_METRICS = (
+    "llm_consumer_ready",
+    "llm_consumer_provider_failing",
+    "llm_consumer_broker_unreachable",
+    "llm_consumer_stuck_partitions",
+)
+_DURATION = {
+    "type": "string",
+    "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+    "(([0-9]+)ms)?)$",
+}
+# The part of the PrometheusRule CRD (monitoring.coreos.com/v1) these rules use.
+PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": PROMETHEUS_API},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "record": {
+                                            "type": "string",
+                                            "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+                                        },
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 def _rel(path: Path) -> str:
     try:
         return str(path.relative_to(ROOT))
@@ -203,29 +278,30 @@ class Problems:
 # ---- Kubernetes ------------------------------------------------------------------------------
 
 
-def load_manifests(directory: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def load_manifests(directory: Path) -> Iterator[tuple[Path, str, dict[str, Any]]]:
     for path in sorted(directory.glob("*.yaml")):
         for index, document in enumerate(yaml.safe_load_all(path.read_text())):
             if document is not None:
-                yield f"{_rel(path)}#{index}", document
+                yield path, f"{_rel(path)}#{index}", document
 
 
 def check_kubernetes(problems: Problems, directory: Path = DEPLOY / "k8s") -> None:
     by_kind: dict[str, list[dict[str, Any]]] = {}
-    kustomization: dict[str, Any] | None = None
+    kustomization: tuple[str, dict[str, Any]] | None = None
     files = {path.name for path in directory.glob("*.yaml")}
-    for where, doc in load_manifests(directory):
+    separate: set[str] = set()
+    alerts: dict[str, str] = {}
+    for file, where, doc in load_manifests(directory):
         kind = str(doc.get("kind"))
         if kind == "Kustomization":
-            kustomization = doc
-            listed = set(doc.get("resources", []))
-            problems.check(
-                listed == files - {"kustomization.yaml"},
-                where,
-                f"resources {sorted(listed)} differ from the files {sorted(files)}",
-            )
+            kustomization = where, doc
             continue
         by_kind.setdefault(kind, []).append(doc)
+        if kind in APPLIED_SEPARATELY:
+            separate.add(file.name)
+        if kind == "PrometheusRule":
+            alerts |= check_prometheus_rule(problems, where, doc)
+            continue
         if doc.get("apiVersion") == KEDA_API:
             schema = KEDA_SCHEMAS.get(kind)
             if schema is None:
@@ -243,7 +319,57 @@ def check_kubernetes(problems: Problems, directory: Path = DEPLOY / "k8s") -> No
         except kubernetes_validate.SchemaNotFoundError as error:
             problems.check(False, where, str(error))
     problems.check(kustomization is not None, "deploy/k8s", "no kustomization.yaml")
+    if kustomization is not None:
+        where, doc = kustomization
+        listed = set(doc.get("resources", []))
+        expected = files - {"kustomization.yaml"} - separate
+        problems.check(
+            listed - separate == expected,
+            where,
+            f"resources {sorted(listed)} differ from the files {sorted(expected)}",
+        )
+        problems.check(
+            not listed & separate,
+            where,
+            f"{sorted(listed & separate)} must stay out of resources: `kubectl apply -k` fails "
+            "on a cluster without their CRD (apply them on their own)",
+        )
     check_kubernetes_consistency(problems, by_kind)
+    rules = by_kind.get("PrometheusRule")
+    problems.check(rules, "deploy/k8s", "needs a PrometheusRule with the consumer's alerts")
+    for metric in ALERTED_METRICS:
+        alerted = any(re.search(rf"\b{metric}\b", expr) for expr in alerts.values())
+        problems.check(not rules or alerted, "deploy/k8s", f"no alert on {metric}")
+
+
+def check_prometheus_rule(problems: Problems, where: str, doc: dict[str, Any]) -> dict[str, str]:
+    """The CRD's shape, queries on exported metrics, alerts a person can route and read.
+
+    Returns the alerts' expressions by name (none when the shape is wrong).
+    """
+    errors = list(jsonschema.Draft202012Validator(PROMETHEUS_RULE_SCHEMA).iter_errors(doc))
+    for error in errors:
+        path = "/".join(map(str, error.absolute_path))
+        problems.check(False, f"{where} PrometheusRule {path}", error.message)
+    if errors:  # the checks below assume the shape
+        return {}
+    known = exported_metric_names()
+    alerts: dict[str, str] = {}
+    for group in doc["spec"]["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert") or rule["record"]
+            check_query(problems, f"{where} {name}", rule["expr"], known)
+            if "alert" not in rule:
+                continue
+            problems.check(name not in alerts, where, f"alert {name} is defined twice")
+            alerts[name] = rule["expr"]
+            problems.check(
+                rule.get("labels", {}).get("severity"), where, f"alert {name} needs a severity"
+            )
+            problems.check(
+                rule.get("annotations", {}).get("summary"), where, f"alert {name} needs a summary"
+            )
+    return alerts
 
 
 def _one(problems: Problems, by_kind: dict[str, list[dict[str, Any]]], kind: str) -> Any:
@@ -498,20 +624,43 @@ def check_dockerfile(problems: Problems, path: Path = DEPLOY / "Dockerfile") -> 
 # ---- Grafana ---------------------------------------------------------------------------------
 
 
+# The series a metric family exposes, by type (a labelled family has no samples until used).
+_SERIES_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"' + r"|'(?:[^'\\]|\\.)*'")
+_CLOSES = {")": "(", "]": "[", "}": "{"}
+
+
 def exported_metric_names() -> set[str]:
+    """Every series name the consumer's `Metrics` can expose."""
     from consumer.observability.metrics import Metrics
 
     names: set[str] = set()
     for family in Metrics().registry.collect():
-        names.update(sample.name for sample in family.samples)
-        names.add(family.name)
-    # Histograms expose _bucket/_sum/_count; counters _total: all present after one sample.
+        suffixes = _SERIES_SUFFIXES.get(family.type, ("",))
+        names.update(f"{family.name}{suffix}" for suffix in suffixes)
     return names
+
+
+def check_query(problems: Problems, where: str, expr: str, known: set[str]) -> None:
+    """A PromQL query (dashboard or alert) names only exported series and closes its brackets."""
+    for name in sorted(set(re.findall(r"\bllm_consumer_[a-z_]+", expr))):
+        problems.check(name in known, where, f"unknown metric {name} in {expr!r}")
+    opened: list[str] = []
+    balanced = True
+    for char in _QUOTED.sub('""', expr):
+        if char in "([{":
+            opened.append(char)
+        elif char in _CLOSES:
+            balanced = balanced and bool(opened) and opened.pop() == _CLOSES[char]
+    problems.check(balanced and not opened, where, f"unbalanced brackets in {expr!r}")
 
 
 def check_grafana(problems: Problems, directory: Path = DEPLOY / "grafana") -> None:
     known = exported_metric_names()
-    known |= {f"{n}{suffix}" for n in known for suffix in ("_bucket", "_count", "_sum", "_total")}
     dashboards = sorted(directory.glob("*.json"))
     problems.check(dashboards, "deploy/grafana", "no dashboard JSON")
     for path in dashboards:
@@ -529,8 +678,7 @@ def check_grafana(problems: Problems, directory: Path = DEPLOY / "grafana") -> N
         ]
         problems.check(exprs, where, "no queries")
         for expr in exprs:
-            for name in set(re.findall(r"\bllm_consumer_[a-z_]+", expr)):
-                problems.check(name in known, where, f"unknown metric {name} in {expr!r}")
+            check_query(problems, where, expr, known)
 
 
 def validate() -> list[str]:

@@ -9,6 +9,9 @@ from consumer.enrich.template import PromptTemplate
 from consumer.llm.client import Completion
 from consumer.llm.errors import FailureKind, RowError
 
+# Row errors raised before the row reached the provider.
+LOCAL_REASONS = frozenset({"template_error", "internal_error"})
+
 
 @dataclass(frozen=True)
 class RowOutcome:
@@ -25,6 +28,11 @@ class RowOutcome:
         return self.failure_kind is not None and (
             self.failure_kind is FailureKind.SYSTEMIC or self.failure_kind.retryable
         )
+
+    @property
+    def reached_provider(self) -> bool:
+        """False for rows that failed before any request (their template, an internal error)."""
+        return self.error is None or self.error.reason not in LOCAL_REASONS
 
 
 class OutputFields:
@@ -49,11 +57,11 @@ class OutputFields:
             self._static[f"{rf}_lookup_source"] = template.lookup_source
         self._variables_key = f"{rf}_variables_hash"
 
-    def apply(self, row: dict[str, Any], outcome: RowOutcome) -> dict[str, Any]:
-        """The output object: the input row plus the response fields (they win on a clash)."""
-        out = dict(row)
+    def for_outcome(self, outcome: RowOutcome) -> dict[str, Any]:
+        """The response fields added to the input object (they win over its keys on a clash)."""
         keys = self._keys
         completion = outcome.completion
+        out: dict[str, Any] = {}
         if completion is not None:
             out[self.response_field] = completion.content
             out[keys["model"]] = completion.model

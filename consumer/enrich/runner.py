@@ -8,6 +8,7 @@ and a slow row never blocks the rows behind it from being sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from consumer.enrich.template import PromptTemplate, TemplateRenderError
 from consumer.llm.caller import LLMCaller
 from consumer.llm.errors import FailureKind, RowError
 
+log = logging.getLogger(__name__)
+
 
 class WindowEnricher:
     def __init__(self, template: PromptTemplate, caller: LLMCaller) -> None:
@@ -23,7 +26,18 @@ class WindowEnricher:
         self._caller = caller
 
     async def enrich_row(self, row: dict[str, Any]) -> RowOutcome:
-        variables_hash = self._template.variables_hash(row)
+        """Never raises for the row's sake: anything unexpected is that row's `internal_error`."""
+        variables_hash = ""
+        try:
+            variables_hash = self._template.variables_hash(row)
+            return await self._call(row, variables_hash)
+        except Exception as error:
+            log.warning("row failed inside the consumer", exc_info=True)
+            message = f"{type(error).__name__}: {error}"
+            row_error = RowError("internal_error", message, None, 0, False)
+            return RowOutcome(None, row_error, FailureKind.ROW, variables_hash)
+
+    async def _call(self, row: dict[str, Any], variables_hash: str) -> RowOutcome:
         try:
             messages = self._template.render(row)
         except TemplateRenderError as error:
@@ -48,15 +62,3 @@ class WindowEnricher:
     async def enrich(self, rows: Sequence[dict[str, Any]]) -> list[RowOutcome]:
         """All rows at once (the limiter admits them), outcomes in input order."""
         return list(await asyncio.gather(*(self.enrich_row(row) for row in rows)))
-
-
-def window_failed_systemically(outcomes: Sequence[RowOutcome]) -> bool:
-    """Hold a window back rather than emit error rows when the provider, not the rows, failed.
-
-    Any systemic failure (bad key, missing deployment) holds it; so does a window in which every
-    row that reached the provider ran out of retries (the provider is down).
-    """
-    if any(o.failure_kind is FailureKind.SYSTEMIC for o in outcomes):
-        return True
-    reached = [o for o in outcomes if o.error is None or o.error.reason != "template_error"]
-    return bool(reached) and all(o.needs_retry_later for o in reached)

@@ -1,30 +1,78 @@
-"""Produces a window's outputs and dead letters, and returns only once the broker has them all."""
+"""The shared idempotent producer: every record's own result, and recovery after a refusal.
+
+A batch the broker refused (too large, invalid) leaves the idempotent producer's sequence for
+that partition broken: later batches get OutOfOrderSequenceNumber. `recover()` replaces the
+producer, so the records behind a refused one go through.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from consumer.records import OutgoingRecord
 
 
-class Sink:
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+async def send_each(
+    producer: AIOKafkaProducer, records: Sequence[OutgoingRecord]
+) -> list[BaseException | None]:
+    """Queue every record in order, then wait for all; the error of each, None when acked.
+
+    Sends are queued before any is awaited, so the producer batches them and keeps
+    per-partition order.
+    """
+    futures: list[asyncio.Future[object] | BaseException] = []
+    for record in records:
+        try:
+            futures.append(
+                await producer.send(
+                    record.topic, value=record.value, key=record.key, headers=record.headers
+                )
+            )
+        except Exception as error:  # refused before sending: too large, no metadata
+            futures.append(error)
+    waiting = [f for f in futures if isinstance(f, asyncio.Future)]
+    if waiting:
+        await asyncio.gather(*waiting, return_exceptions=True)
+    return [_error_of(f) for f in futures]
+
+
+def _error_of(sent: asyncio.Future[object] | BaseException) -> BaseException | None:
+    if isinstance(sent, BaseException):
+        return sent
+    if sent.cancelled():  # the producer was stopped under it: not acknowledged
+        cancelled: BaseException = KafkaError("the send was cancelled")
+        return cancelled
+    error = sent.exception()
+    return error if isinstance(error, BaseException) else None
+
+
+class ProducerSink:
+    def __init__(self, build: Callable[[], AIOKafkaProducer]) -> None:
+        self._build = build
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        producer = self._build()
+        await producer.start()
         self._producer = producer
 
-    async def deliver(self, records: Sequence[OutgoingRecord]) -> None:
-        """Send everything, then wait for every acknowledgement; raises if any send failed.
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
 
-        Sends are queued in order before any is awaited, so the producer batches them and
-        keeps per-partition order (idempotence keeps it across its own retries).
-        """
-        futures = [
-            await self._producer.send(
-                record.topic, value=record.value, key=record.key, headers=record.headers
-            )
-            for record in records
-        ]
-        if futures:
-            await asyncio.gather(*futures)
+    async def send_all(self, records: Sequence[OutgoingRecord]) -> list[BaseException | None]:
+        if self._producer is None:
+            raise RuntimeError("the producer is not running (recover() it first)")
+        return await send_each(self._producer, records)
+
+    async def recover(self) -> None:
+        """A new producer (new id, fresh sequences); raises if the broker cannot be reached."""
+        with contextlib.suppress(Exception):
+            await self.stop()
+        await self.start()

@@ -12,7 +12,6 @@ previous owner still holding that id and aborts its open transaction.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,7 @@ from aiokafka import TopicPartition as KafkaTopicPartition
 from consumer import failpoints
 from consumer.config import KafkaSettings
 from consumer.kafka.clients import build_producer
+from consumer.kafka.sink import send_each
 from consumer.records import OutgoingRecord, TopicPartition
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,22 @@ class TransactionalSink:
         records: Sequence[OutgoingRecord],
         next_offset: int,
         group_id: str,
-    ) -> None:
-        """Produce `records` and commit `next_offset` for `tp` atomically; abort on any error."""
+    ) -> list[BaseException | None]:
+        """Produce `records` and commit `next_offset` for `tp` atomically.
+
+        Returns each record's error, all None when the transaction committed; when any record
+        failed the transaction is aborted (none of them is visible). Raises for a failure of
+        the transaction itself (fenced, broker unreachable), also after aborting.
+        """
         producer = self._producers.get(tp)
         if producer is None:
             raise LookupError(f"no transactional producer for {tp}: not assigned here")
         await producer.begin_transaction()
         try:
-            futures = [
-                await producer.send(r.topic, value=r.value, key=r.key, headers=r.headers)
-                for r in records
-            ]
-            if futures:
-                await asyncio.gather(*futures)
+            results = await send_each(producer, records)
+            if any(result is not None for result in results):
+                await producer.abort_transaction()
+                return results
             await producer.send_offsets_to_transaction(
                 {KafkaTopicPartition(tp.topic, tp.partition): next_offset}, group_id
             )
@@ -96,3 +99,4 @@ class TransactionalSink:
             with contextlib.suppress(Exception):
                 await producer.abort_transaction()
             raise
+        return results

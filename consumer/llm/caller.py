@@ -15,12 +15,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from consumer.config import RetrySettings
 from consumer.llm.budgets import RetryBudget
 from consumer.llm.client import ChatClient, Completion
 from consumer.llm.errors import FailureKind, LLMFailure
 from consumer.llm.limiter import AIMDLimiter
+from consumer.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,12 @@ class CallResult:
     retry_budget_exhausted: bool = False
 
 
-def backoff_delay(attempt: int, retry: RetrySettings, rng: Callable[[], float]) -> float:
-    """Exponential backoff with 'equal jitter': half fixed, half random, capped."""
-    ceiling = min(retry.max_backoff_s, retry.initial_backoff_s * 2.0 ** (attempt - 1))
-    return ceiling * (0.5 + 0.5 * rng())
+class AttemptObserver(Protocol):
+    """Told whether the provider answered, per attempt (readiness, the hold-back policy)."""
+
+    def record_success(self) -> None: ...
+
+    def record_failure(self, reason: str) -> None: ...
 
 
 class LLMCaller:
@@ -53,15 +57,19 @@ class LLMCaller:
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
         retry_budget: RetryBudget | None = None,
-        on_attempt: Callable[[str, float], None] | None = None,
+        on_attempt: Callable[[str, float, int], None] | None = None,
+        health: AttemptObserver | None = None,
     ) -> None:
         self._client = client
-        # Told (status, seconds) after every attempt: "200", the HTTP code, or the failure reason.
+        # Told (status, seconds, attempt) after every attempt: "200", the HTTP code, or the
+        # failure reason; attempt 2 and later are retries.
         self._on_attempt = on_attempt
+        self._health = health
         self._limiter = limiter
         self._retry = retry
         self._sleep = sleep
-        self._rng = rng
+        self._clock = clock
+        self._backoff = Backoff(retry.initial_backoff_s, retry.max_backoff_s, rng)
         self.retry_budget = (
             retry_budget
             or limiter.retry_budget
@@ -78,6 +86,7 @@ class LLMCaller:
     async def call(self, messages: list[dict[str, str]]) -> CallResult:
         tokens = self._estimate(messages)
         failure: LLMFailure | None = None
+        gives_up_at = self._clock() + self._retry.row_deadline_s
         for attempt in range(1, self._retry.max_attempts + 1):
             if attempt == 1:
                 self.retry_budget.record_request()
@@ -92,6 +101,8 @@ class LLMCaller:
                 status = "200"
                 used = completion.usage.total_tokens or None
                 self._limiter.on_success(ticket, used)
+                if self._health is not None:
+                    self._health.record_success()
                 reported = True
                 return CallResult(completion, None, attempt)
             except LLMFailure as error:
@@ -106,16 +117,21 @@ class LLMCaller:
                     self._limiter.on_ignore(ticket)
                     if hint:
                         self._limiter.defer(hint)
+                if self._health is not None and error.kind is not FailureKind.ROW:
+                    self._health.record_failure(error.reason)
                 reported = True
             finally:
                 if not reported:
                     self._limiter.on_ignore(ticket)
                 if self._on_attempt is not None:
-                    self._on_attempt(status, time.monotonic() - started)
+                    self._on_attempt(status, time.monotonic() - started, attempt)
             if not failure.kind.retryable:
                 return CallResult(None, failure, attempt)
             if attempt >= self._retry.max_attempts:
                 break
+            if self._clock() >= gives_up_at:
+                log.debug("row deadline passed: %s ends after %d attempt(s)", failure, attempt)
+                return CallResult(None, failure, attempt)
             if not self.retry_budget.try_spend():
                 log.debug("retry budget spent: %s ends after %d attempt(s)", failure, attempt)
                 spent = LLMFailure(
@@ -127,5 +143,5 @@ class LLMCaller:
                 )
                 return CallResult(None, spent, attempt, retry_budget_exhausted=True)
             if failure.retry_after_s is None:
-                await self._sleep(backoff_delay(attempt, self._retry, self._rng))
+                await self._sleep(self._backoff.delay(attempt))
         return CallResult(None, failure, self._retry.max_attempts)

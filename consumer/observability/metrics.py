@@ -3,12 +3,13 @@
 The app calls a handful of methods (`consumed`, `window_done`, `committed`, ...) so that its
 own code gains one line per hook; the metric objects, names and labels live here only.
 Each `Metrics` owns its `CollectorRegistry` (not the process-global one), so tests can build
-several apps in one process. Gauges that mirror live state (the limiter, held-back) are read at
-scrape time through callbacks instead of being pushed.
+several apps in one process. Gauges that mirror live state (the limiter, held-back, provider,
+broker and partition health) are read at scrape time through callbacks instead of being pushed.
 
-LLM attempts are recorded by `llm_attempt(provider, status, seconds)` through `attempt_hook()`,
-given to `LLMCaller(on_attempt=...)`. Retries are counted per window as attempts minus rows that
-reached the provider.
+LLM attempts are recorded by `llm_attempt(provider, status, seconds, attempt)` through
+`attempt_hook()`, given to `LLMCaller(on_attempt=...)`. A retry is counted when it is attempted
+(`attempt > 1`), so a retry storm shows while it happens, not when its window is done.
+Label values known at start are created at 0, so their series exist before the first event.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer import __version__
+from consumer.window import CloseReason
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -52,7 +54,6 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.provider = settings.llm.provider if settings is not None else "unknown"
         self._started = time.time()
-        self._attempts = 0
         self._last_commit = 0.0
         r = self.registry
         self.info = Info(PREFIX, "Version and provider of this consumer.", registry=r)
@@ -103,7 +104,7 @@ class Metrics:
         )
         self.llm_retries = Counter(
             f"{PREFIX}_llm_retries",
-            "LLM attempts beyond the first for a row (per-row and held-back window retries).",
+            "LLM attempts beyond the first for a row, counted as they are made.",
             ["provider"],
             registry=r,
         )
@@ -166,12 +167,31 @@ class Metrics:
             "1 while a window is held back because the provider is failing.",
             registry=r,
         )
+        self.provider_failing = Gauge(
+            f"{PREFIX}_provider_failing",
+            "1 while LLM requests keep failing (429, 5xx, timeouts...) with no success between.",
+            registry=r,
+        )
+        self.broker_unreachable = Gauge(
+            f"{PREFIX}_broker_unreachable",
+            "1 while the broker does not answer (probe, produce or commit keep failing).",
+            registry=r,
+        )
+        self.stuck_partitions = Gauge(
+            f"{PREFIX}_stuck_partitions",
+            "Assigned partitions with lag and no committed progress for stuck_partition_after_s.",
+            registry=r,
+        )
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz answers 200.", registry=r)
         self.event_loop_lag = Gauge(
             f"{PREFIX}_event_loop_lag_seconds",
             "How late the last 1 s heartbeat sleep woke up (a blocked event loop shows here).",
             registry=r,
         )
+        for reason in CloseReason:
+            self.windows.labels(reason.value)
+        self.llm_retries.labels(self.provider)
+        self.llm_rate_limited.labels(self.provider)
         if settings is not None:
             self.info.info(
                 {
@@ -194,6 +214,16 @@ class Metrics:
     def watch_held_back(self, held_back: Callable[[], bool]) -> None:
         self.held_back.set_function(lambda: 1.0 if held_back() else 0.0)
 
+    def watch_health(
+        self,
+        provider_failing: Callable[[], bool],
+        broker_unreachable: Callable[[], bool],
+        stuck_partitions: Callable[[], int],
+    ) -> None:
+        self.provider_failing.set_function(lambda: 1.0 if provider_failing() else 0.0)
+        self.broker_unreachable.set_function(lambda: 1.0 if broker_unreachable() else 0.0)
+        self.stuck_partitions.set_function(lambda: float(stuck_partitions()))
+
     # ---- the app's hooks ------------------------------------------------------------------
 
     def consumed(self, count: int = 1) -> None:
@@ -208,17 +238,11 @@ class Metrics:
             if item.dead_letter is not None:
                 self.dead_letter(item.dead_letter.reason)
         self.rows_produced.inc(len(outcomes))
-        reached = 0
         for outcome in outcomes:
             if outcome.error is not None:
                 self.row_errors.labels(outcome.error.reason).inc()
             if outcome.completion is not None:
                 self.completion(outcome.completion)
-            if outcome.error is None or outcome.error.reason != "template_error":
-                reached += 1
-        retries, self._attempts = max(0, self._attempts - reached), 0
-        if retries:
-            self.llm_retries.labels(self.provider).inc(retries)
 
     def dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(reason).inc()
@@ -237,18 +261,20 @@ class Metrics:
         self._last_commit = time.time()
         self.last_commit_timestamp.set(self._last_commit)
 
-    def llm_attempt(self, provider: str, status: str, seconds: float) -> None:
-        self._attempts += 1
+    def llm_attempt(self, provider: str, status: str, seconds: float, attempt: int) -> None:
+        """One attempt finished; `attempt` is 1-based, so anything above 1 is a retry."""
         self.llm_request_seconds.labels(provider, status).observe(seconds)
+        if attempt > 1:
+            self.llm_retries.labels(provider).inc()
         if status == "429":
             self.llm_rate_limited.labels(provider).inc()
 
-    def attempt_hook(self) -> Callable[[str, float], None]:
-        """For `LLMCaller(on_attempt=...)`: called once per attempt with (status, seconds)."""
+    def attempt_hook(self) -> Callable[[str, float, int], None]:
+        """For `LLMCaller(on_attempt=...)`: called per attempt with (status, seconds, attempt)."""
         provider = self.provider
 
-        def on_attempt(status: str, seconds: float) -> None:
-            self.llm_attempt(provider, status, seconds)
+        def on_attempt(status: str, seconds: float, attempt: int) -> None:
+            self.llm_attempt(provider, status, seconds, attempt)
 
         return on_attempt
 

@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tests.support.fake_llm_process import FakeLLM, fake_llm_process
 from tests.support.kafka_broker import (
@@ -329,10 +328,60 @@ async def test_bad_input_of_every_kind_ends_as_dead_letters_or_row_errors(
     assert entry.missing == 0 and entry.duplicates == 0
 
 
-async def test_a_dead_letter_that_cannot_be_produced_is_never_committed(
+@pytest.mark.parametrize("mode", ["at_least_once", "exactly_once"])
+async def test_a_dead_letter_too_large_for_the_dlq_becomes_a_stub_and_the_partition_moves_on(
+    kafka_bootstrap: str, fake_llm: FakeLLM, tmp_path: Path, mode: str
+) -> None:
+    topics = Topics.unique(f"dlqstub-{mode}")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(topics.input, 1, 1),
+                NewTopic(topics.dlq, 1, 1, topic_configs={"max.message.bytes": "2500"}),
+            ]
+        )
+    finally:
+        await admin.close()
+    poison = b"not json " + b"x" * 4000
+    positions = await publish(
+        kafka_bootstrap,
+        topics.input,
+        [
+            (b"a", orjson.dumps({"text": "good"})),
+            (b"poison", poison),
+            (b"b", orjson.dumps({"text": "good too"})),
+        ],
+    )
+    settings = settings_file(
+        tmp_path, kafka_bootstrap, fake_llm.base_url, topics, delivery={"mode": mode}
+    )
+    proc = consumer(settings, tmp_path / "consumer.log")
+    try:
+        committed = await wait_for_commits(kafka_bootstrap, topics.group, topics.input, 60)
+        dead = await read_topic(kafka_bootstrap, topics.dlq, expect=1, timeout_s=30)
+        outputs = await read_topic(kafka_bootstrap, topics.output, expect=2, timeout_s=30)
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
+    assert committed == {0: 3}
+    assert len(dead) == 1
+    stub = dead[0]
+    assert stub.value == poison[:1024]
+    assert stub.headers["dlq.reason"] == "invalid_json"
+    assert stub.headers["dlq.truncated"] == "true"
+    assert stub.headers["dlq.original_value_bytes"] == str(len(poison))
+    assert stub.source == positions[1]
+    assert "record refused by the broker; replaced" in proc.log_text()
+    entry = account(f"6. dead letter too large for the DLQ ({mode})", positions, outputs, dead)
+    assert entry.missing == 0 and entry.duplicates == 0
+
+
+async def test_with_fallback_stop_a_refused_dead_letter_stops_the_consumer_uncommitted(
     kafka_bootstrap: str, fake_llm: FakeLLM, tmp_path: Path
 ) -> None:
-    topics = Topics.unique("dlqfail")
+    topics = Topics.unique("dlqstop")
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
@@ -342,32 +391,28 @@ async def test_a_dead_letter_that_cannot_be_produced_is_never_committed(
                 NewTopic(topics.dlq, 1, 1, topic_configs={"max.message.bytes": "500"}),
             ]
         )
-        poison = b"not json " + b"x" * 2000
-        positions = await publish(
-            kafka_bootstrap,
-            topics.input,
-            [(b"a", orjson.dumps({"text": "good"})), (b"poison", poison)],
-        )
-        settings = settings_file(tmp_path, kafka_bootstrap, fake_llm.base_url, topics)
-        proc = consumer(settings, tmp_path / "consumer.log")
-        try:
-            await asyncio.sleep(8)
-            stuck = await committed_offsets(kafka_bootstrap, topics.group, topics.input)
-            assert stuck.get(0, 0) <= positions[1][1], "the unproduced dead letter was committed"
-            assert "produce failed" in proc.log_text()
-            await admin.alter_configs(
-                [
-                    ConfigResource(
-                        ConfigResourceType.TOPIC, topics.dlq, {"max.message.bytes": "100000"}
-                    )
-                ]
-            )
-            committed = await wait_for_commits(kafka_bootstrap, topics.group, topics.input, 60)
-            dead = await read_topic(kafka_bootstrap, topics.dlq, expect=1, timeout_s=30)
-            assert proc.stop() == 0
-        finally:
-            proc.kill()
     finally:
         await admin.close()
-    assert committed == {0: 2}
-    assert dead[0].value == poison
+    positions = await publish(
+        kafka_bootstrap,
+        topics.input,
+        [(b"a", orjson.dumps({"text": "good"})), (b"poison", b"not json " + b"x" * 2000)],
+    )
+    settings = settings_file(
+        tmp_path,
+        kafka_bootstrap,
+        fake_llm.base_url,
+        topics,
+        window={"max_messages": 1},
+        delivery={"dead_letter_fallback": "stop"},
+    )
+    proc = consumer(settings, tmp_path / "consumer.log")
+    try:
+        code = proc.wait(60)
+    finally:
+        proc.kill()
+    assert code == 1
+    committed = await committed_offsets(kafka_bootstrap, topics.group, topics.input)
+    assert committed.get(0, 0) <= positions[1][1], "the unproduced dead letter was committed"
+    log = proc.log_text()
+    assert "dead-letter topic" in log and "dead_letter_fallback: stop" in log

@@ -23,6 +23,7 @@ import orjson
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,7 +166,10 @@ async def wait_for_commits(
     deadline = time.monotonic() + timeout_s
     committed: dict[int, int] = {}
     while time.monotonic() < deadline:
-        committed = await committed_offsets(bootstrap, group, topic)
+        try:
+            committed = await committed_offsets(bootstrap, group, topic)
+        except KafkaError:  # the group's coordinator is not known yet right after it formed
+            committed = {}
         if all(committed.get(p, -1) >= end for p, end in ends.items()):
             break
         await asyncio.sleep(0.3)

@@ -13,7 +13,7 @@ import pytest
 
 from consumer.config import LLMSettings, RetrySettings
 from consumer.llm.budgets import RetryBudget
-from consumer.llm.caller import LLMCaller, backoff_delay
+from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient, Completion, Usage
 from consumer.llm.errors import FailureKind, LLMFailure
 from consumer.llm.limiter import AIMDLimiter
@@ -255,19 +255,6 @@ async def test_an_unexpected_exception_releases_the_permit_and_propagates() -> N
     assert limiter.state().in_flight == 0
 
 
-def test_backoff_delay_grows_exponentially_and_is_capped() -> None:
-    retry = RetrySettings(initial_backoff_s=0.5, max_backoff_s=4.0)
-    top = [backoff_delay(attempt, retry, lambda: 1.0) for attempt in range(1, 8)]
-    assert top == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
-
-
-def test_backoff_delay_has_equal_jitter_between_half_and_the_full_ceiling() -> None:
-    retry = RetrySettings(initial_backoff_s=1.0, max_backoff_s=30.0)
-    assert backoff_delay(3, retry, lambda: 0.0) == 2.0
-    assert backoff_delay(3, retry, lambda: 0.5) == 3.0
-    assert backoff_delay(3, retry, lambda: 1.0) == 4.0
-
-
 async def test_when_the_retry_budget_is_spent_a_retryable_failure_ends_the_row() -> None:
     now = [0.0]
     budget = RetryBudget(ratio=0.0, min_per_s=0.1, window_s=10.0, clock=lambda: now[0])
@@ -305,3 +292,62 @@ async def test_the_token_budget_is_reconciled_with_the_reported_usage() -> None:
     caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps())
     await caller.call(MESSAGES)
     assert limiter.state().tpm_tokens == pytest.approx(10_000 - 4)
+
+
+class Observed:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def record_success(self) -> None:
+        self.events.append("ok")
+
+    def record_failure(self, reason: str) -> None:
+        self.events.append(reason)
+
+
+async def test_a_row_stops_retrying_once_its_deadline_has_passed() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    server = Server(error(500))
+    client = ChatClient(settings(), post=stub_post(server))
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
+    retry = RetrySettings(
+        max_attempts=50, initial_backoff_s=10.0, max_backoff_s=10.0, row_deadline_s=35.0
+    )
+    caller = LLMCaller(client, limiter, retry, sleep=sleep, rng=lambda: 1.0, clock=lambda: now[0])
+    result = await caller.call(MESSAGES)
+    assert result.failure is not None and result.failure.reason == "server_error"
+    assert result.attempts == 5, "attempts at 0, 10, 20, 30 and 40 s; none after the deadline"
+    assert len(server.requests) == 5
+
+
+async def test_the_health_hears_of_provider_failures_and_successes_but_not_row_errors() -> None:
+    server = Server(error(500), error(400), ok())
+    client = ChatClient(settings(), post=stub_post(server))
+    limiter = AIMDLimiter(10, 1, 100, clock=SteppingClock())
+    observed = Observed()
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), health=observed)
+    first = await caller.call(MESSAGES)  # 503, then a 400 ends the row
+    second = await caller.call(MESSAGES)
+    assert first.failure is not None and first.failure.kind is FailureKind.ROW
+    assert second.completion is not None
+    assert observed.events == ["server_error", "ok"]
+
+
+async def test_each_attempt_is_reported_with_its_number() -> None:
+    attempts: list[tuple[str, int]] = []
+    server = Server(error(500), error(500), ok())
+    client = ChatClient(settings(), post=stub_post(server))
+    limiter = AIMDLimiter(10, 1, 100, clock=SteppingClock())
+    caller = LLMCaller(
+        client,
+        limiter,
+        RETRY,
+        sleep=Sleeps(),
+        on_attempt=lambda status, _seconds, attempt: attempts.append((status, attempt)),
+    )
+    await caller.call(MESSAGES)
+    assert attempts == [("500", 1), ("500", 2), ("200", 3)]

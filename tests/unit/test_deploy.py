@@ -128,3 +128,44 @@ def test_the_dashboard_uses_only_exported_metrics(validate: ModuleType, tmp_path
     )
     found = problems_of(validate, "check_grafana", tmp_path)
     assert found and "llm_consumer_rows_eaten_total" in found[0]
+
+
+def test_alert_rules_are_checked_like_the_dashboard(validate: ModuleType, tmp_path: Path) -> None:
+    k8s = k8s_copy(tmp_path)
+
+    def break_rules(doc: dict[str, Any]) -> None:
+        rules = doc["spec"]["groups"][0]["rules"]
+        rules[0]["expr"] = "max(llm_consumer_provider_broken) == 1"
+        rules[1]["expr"] = "max(llm_consumer_broker_unreachable == 1"
+        del rules[2]["labels"]["severity"]
+        rules[3]["for"] = "15 minutes"
+
+    edit_yaml(k8s / "prometheusrule.yaml", break_rules)
+    found = "\n".join(problems_of(validate, "check_kubernetes", k8s))
+    assert "15 minutes" in found  # the CRD's duration pattern
+    edit_yaml(
+        k8s / "prometheusrule.yaml", lambda doc: doc["spec"]["groups"][0]["rules"][3].pop("for")
+    )
+    found = "\n".join(problems_of(validate, "check_kubernetes", k8s))
+    assert "unknown metric llm_consumer_provider_broken" in found
+    assert "unbalanced brackets" in found
+    assert "LLMConsumerStuckPartitions needs a severity" in found
+    assert "no alert on llm_consumer_provider_failing" in found
+
+
+def test_the_alert_rules_stay_out_of_the_kustomization(
+    validate: ModuleType, tmp_path: Path
+) -> None:
+    k8s = k8s_copy(tmp_path)
+    edit_yaml(
+        k8s / "kustomization.yaml", lambda doc: doc["resources"].append("prometheusrule.yaml")
+    )
+    found = "\n".join(problems_of(validate, "check_kubernetes", k8s))
+    assert "['prometheusrule.yaml'] must stay out of resources" in found
+    assert "differ from the files" not in found
+    (k8s / "prometheusrule.yaml").unlink()
+    edit_yaml(
+        k8s / "kustomization.yaml", lambda doc: doc["resources"].remove("prometheusrule.yaml")
+    )
+    found = "\n".join(problems_of(validate, "check_kubernetes", k8s))
+    assert "needs a PrometheusRule" in found

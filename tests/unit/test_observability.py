@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import socket
@@ -16,7 +17,7 @@ from consumer.llm.caller import LLMCaller
 from consumer.llm.client import Completion, Usage
 from consumer.llm.errors import FailureKind, LLMFailure, RowError
 from consumer.llm.limiter import AIMDLimiter
-from consumer.observability import Metrics, Observability
+from consumer.observability import BrokerHealth, Metrics, Observability
 from consumer.observability.logs import JsonFormatter, TextFormatter
 from consumer.observability.metrics import attempt_status, parse_exposition
 from consumer.records import DeadLetter, Item, SourceRecord
@@ -78,8 +79,6 @@ def test_a_window_with_two_rows_an_error_and_a_dead_letter_is_counted_by_reason(
     ]
     window = Window("w-1", items, 0.0, close_reason=CloseReason.COUNT)
     outcomes = [completion(10, 2), completion(5, 1), failed("template_error")]
-    for _ in range(3):  # two rows reached the provider; one was retried once
-        metrics.llm_attempt("openai", "200", 0.1)
     metrics.window_done(window, outcomes, 1.5)
     values = scrape(metrics)
     assert values["llm_consumer_rows_produced_total"] == 3
@@ -90,8 +89,22 @@ def test_a_window_with_two_rows_an_error_and_a_dead_letter_is_counted_by_reason(
     assert values["llm_consumer_window_seconds_sum"] == 1.5
     assert values['llm_consumer_llm_tokens_total{kind="prompt",model="m1"}'] == 15
     assert values['llm_consumer_llm_tokens_total{kind="completion",model="m1"}'] == 3
-    assert values['llm_consumer_llm_retries_total{provider="openai"}'] == 1
-    assert values['llm_consumer_llm_request_seconds_count{provider="openai",status="200"}'] == 3
+
+
+def test_retries_are_counted_as_they_are_attempted_not_per_window() -> None:
+    metrics = Metrics(make_settings())
+    values = scrape(metrics)
+    assert values['llm_consumer_llm_retries_total{provider="openai"}'] == 0  # before any event
+    assert values['llm_consumer_llm_rate_limited_total{provider="openai"}'] == 0
+    assert values['llm_consumer_windows_total{close_reason="revoke"}'] == 0
+    hook = metrics.attempt_hook()
+    hook("503", 0.1, 1)
+    hook("503", 0.1, 2)
+    assert scrape(metrics)['llm_consumer_llm_retries_total{provider="openai"}'] == 1
+    hook("200", 0.1, 3)
+    values = scrape(metrics)
+    assert values['llm_consumer_llm_retries_total{provider="openai"}'] == 2
+    assert values['llm_consumer_llm_request_seconds_count{provider="openai",status="503"}'] == 2
 
 
 def test_every_app_has_its_own_registry() -> None:
@@ -155,6 +168,7 @@ async def test_each_llm_attempt_is_recorded_by_status() -> None:
     assert values[f'{count}{{provider="openai",status="timeout"}}'] == 1
     assert values[f'{count}{{provider="openai",status="200"}}'] == 1
     assert values['llm_consumer_llm_rate_limited_total{provider="openai"}'] == 1
+    assert values['llm_consumer_llm_retries_total{provider="openai"}'] == 2
 
 
 def test_attempt_status_prefers_the_http_code() -> None:
@@ -188,6 +202,9 @@ class _FakeConsumer:
         self.assigned: set[Any] = set()
         self.high: dict[Any, int] = {}
         self.committed_offsets: dict[Any, int | None] = {}
+        self.broken: Exception | None = None  # what every broker call raises
+        self.hanging: set[Any] = set()  # partitions whose committed() never answers
+        self.cancelled: list[Any] = []
 
     def assignment(self) -> set[Any]:
         return self.assigned
@@ -196,13 +213,29 @@ class _FakeConsumer:
         return self.high.get(tp)
 
     async def committed(self, tp: Any) -> int | None:
+        if tp in self.hanging:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.cancelled.append(tp)
+        if self.broken is not None:
+            raise self.broken
         return self.committed_offsets.get(tp)
+
+    async def topics(self) -> set[str]:
+        if self.broken is not None:
+            raise self.broken
+        return {"in"}
 
 
 class _FakeApp:
     def __init__(self) -> None:
-        self.held_back = False
+        self.held_back_reason: str | None = None
         self.limiter = AIMDLimiter(initial=4, minimum=1, maximum=8)
+
+    @property
+    def held_back(self) -> bool:
+        return self.held_back_reason is not None
 
 
 class _Clock:
@@ -239,9 +272,10 @@ def test_readyz_needs_partitions_and_no_outage() -> None:
     consumer.assigned = {TopicPartition("in", 0)}
     assert obs.readiness()[0]
     assert scrape(metrics)["llm_consumer_ready"] == 1
-    app.held_back = True
+    app.held_back_reason = "systemic failure: auth_error"
     ok, body = obs.readiness()
-    assert not ok and "held back" in body["problems"][0]
+    assert not ok and body["problems"] == ["held back: systemic failure: auth_error"]
+    assert body["held_back"] is True
     values = scrape(metrics)
     assert values["llm_consumer_ready"] == 0
     assert values["llm_consumer_held_back"] == 1
@@ -258,6 +292,116 @@ async def test_lag_is_high_watermark_minus_committed() -> None:
     consumer.committed_offsets = {p0: 40, p1: None}
     obs = Observability(settings, Metrics(settings), _FakeApp(), consumer)
     assert await obs.measure_lag() == [("in", 0, 60), ("in", 1, 10)]
+
+
+async def test_a_failed_lag_probe_cancels_the_questions_still_waiting() -> None:
+    settings = make_settings()
+    consumer = _FakeConsumer()
+    p0, p1 = _assigned(consumer, 0, 1)
+    consumer.high = {p0: 5, p1: 5}
+    consumer.hanging = {p0}
+    consumer.broken = ConnectionError("coordinator gone")
+    obs = Observability(settings, Metrics(settings), _FakeApp(), consumer)
+    with pytest.raises(ConnectionError):
+        await obs.measure_lag()
+    await asyncio.sleep(0)
+    assert consumer.cancelled == [p0]
+
+
+def _assigned(consumer: _FakeConsumer, *partitions: int) -> list[Any]:
+    from aiokafka import TopicPartition
+
+    tps = [TopicPartition("in", p) for p in partitions]
+    consumer.assigned = set(tps)
+    return tps
+
+
+def test_readyz_reports_a_failing_provider_within_its_threshold() -> None:
+    clock = _Clock()
+    settings = make_settings()
+    consumer = _FakeConsumer()
+    _assigned(consumer, 0)
+    metrics = Metrics(settings)
+    obs = Observability(settings, metrics, _FakeApp(), consumer, clock=clock)
+    obs.provider.record_failure("server_error")
+    clock.now += 1.0
+    assert obs.readiness()[0]
+    clock.now += 1.5
+    ok, body = obs.readiness()
+    assert not ok
+    assert body["problems"] == ["LLM provider failing for 2.5 s: server_error"]
+    assert body["provider"] == {"failing": True, "reason": body["problems"][0]}
+    values = scrape(metrics)
+    assert values["llm_consumer_provider_failing"] == 1
+    assert values["llm_consumer_ready"] == 0
+    obs.provider.record_success()
+    ok, body = obs.readiness()
+    assert ok and body["provider"] == {"failing": False, "reason": None}
+    assert scrape(metrics)["llm_consumer_provider_failing"] == 0
+
+
+async def test_readyz_reports_an_unreachable_broker_from_the_probe_and_the_lag_probe() -> None:
+    clock = _Clock()
+    settings = make_settings()
+    consumer = _FakeConsumer()
+    tp = _assigned(consumer, 0)[0]
+    consumer.high, consumer.committed_offsets = {tp: 10}, {tp: 10}
+    metrics = Metrics(settings)
+    obs = Observability(settings, metrics, _FakeApp(), consumer, clock=clock)
+    consumer.broken = TimeoutError()
+    await obs.probe_lag()  # a lag probe that times out is a broker error
+    clock.now += 3.0
+    ok, body = obs.readiness()
+    assert not ok and body["problems"] == ["broker unreachable for 3.0 s: lag probe: TimeoutError"]
+    assert body["broker"]["unreachable"] is True
+    assert scrape(metrics)["llm_consumer_broker_unreachable"] == 1
+    consumer.broken = None
+    assert await obs.broker.probe(consumer.topics, timeout_s=1.0)
+    ok, body = obs.readiness()
+    assert ok and body["broker"] == {"unreachable": False, "reason": None}
+    assert scrape(metrics)["llm_consumer_broker_unreachable"] == 0
+
+
+async def test_a_stuck_partition_is_reported_within_stuck_after_plus_one_lag_interval() -> None:
+    clock = _Clock()
+    settings = make_settings(stuck_partition_after_s=120, lag_interval_s=10)
+    consumer = _FakeConsumer()
+    p0, p1 = _assigned(consumer, 0, 1)
+    consumer.high = {p0: 50, p1: 50}
+    consumer.committed_offsets = {p0: 40, p1: 40}
+    metrics = Metrics(settings)
+    obs = Observability(settings, metrics, _FakeApp(), consumer, clock=clock)
+    obs.progress.advanced(p0)
+    obs.progress.advanced(p1)
+    clock.now += 9.0  # the lag probe runs 9 s after the partitions' last commit
+    await obs.probe_lag()
+    clock.now += 111.0  # 120 s after the last commit, before the next probe (at 19 s)
+    obs.progress.advanced(p1)
+    obs.beat()
+    ok, body = obs.readiness()
+    assert not ok
+    assert body["stuck_partitions"] == ["in/0"]
+    assert body["problems"] == ["partitions stuck: in/0 (no progress for 120 s with lag)"]
+    assert scrape(metrics)["llm_consumer_stuck_partitions"] == 1
+    consumer.assigned = {p1}  # p0 revoked: not this member's problem any more
+    obs.progress.reset()
+    assert obs.readiness()[0]
+    assert scrape(metrics)["llm_consumer_stuck_partitions"] == 0
+
+
+async def test_a_partition_first_seen_with_lag_waits_from_that_probe() -> None:
+    clock = _Clock()
+    settings = make_settings(stuck_partition_after_s=120, lag_interval_s=10)
+    consumer = _FakeConsumer()
+    tp = _assigned(consumer, 3)[0]
+    consumer.high, consumer.committed_offsets = {tp: 7}, {tp: None}
+    obs = Observability(settings, Metrics(settings), _FakeApp(), consumer, clock=clock)
+    await obs.probe_lag()
+    clock.now += 119.0
+    obs.beat()
+    assert obs.readiness()[0]
+    clock.now += 1.0
+    assert obs.readiness()[1]["stuck_partitions"] == ["in/3"]
 
 
 def _free_port() -> int:
@@ -287,6 +431,34 @@ async def test_the_server_answers_metrics_healthz_and_readyz() -> None:
             async with http.get("/readyz") as response:
                 assert response.status == 503
                 assert (await response.json())["problems"] == ["no partitions assigned"]
+    finally:
+        await obs.stop()
+
+
+async def test_the_broker_probe_turns_readyz_not_ready_while_the_broker_is_down() -> None:
+    port = _free_port()
+    settings = make_settings(host="127.0.0.1", port=port, broker_probe_interval_s=0.02)
+    consumer = _FakeConsumer()
+    _assigned(consumer, 0)
+    broker = BrokerHealth(unreachable_after_s=0.1)
+    obs = Observability(settings, Metrics(settings), _FakeApp(), consumer, broker=broker)
+    await obs.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            consumer.broken = ConnectionRefusedError("Connect call failed")
+            await asyncio.sleep(0.3)
+            async with http.get("/readyz") as response:
+                assert response.status == 503
+                body = await response.json()
+            assert body["broker"]["unreachable"] is True
+            assert body["problems"][0].startswith("broker unreachable for ")
+            assert body["problems"][0].endswith(": metadata probe: Connect call failed")
+            async with http.get("/metrics") as response:
+                assert "llm_consumer_broker_unreachable 1.0" in await response.text()
+            consumer.broken = None
+            await asyncio.sleep(0.1)
+            async with http.get("/readyz") as response:
+                assert response.status == 200
     finally:
         await obs.stop()
 

@@ -5,14 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from consumer.config import LLMSettings
 from consumer.enrich.outcome import OutputFields, RowOutcome
-from consumer.enrich.runner import window_failed_systemically
 from consumer.enrich.template import PromptTemplate
 from consumer.llm.client import Completion, Usage
 from consumer.llm.errors import FailureKind, RowError
+from consumer.rowjson import with_fields
 
 VARS_HASH = "ab" * 32
+
+
+def output(fields: OutputFields, row: dict[str, Any], outcome: RowOutcome) -> dict[str, Any]:
+    """The output object as the encoder writes it: the input's bytes plus the fields."""
+    body = with_fields(orjson.dumps(row), fields.for_outcome(outcome), row.keys())
+    result: dict[str, Any] = orjson.loads(body)
+    return result
 
 
 def template(**overrides: Any) -> PromptTemplate:
@@ -44,7 +53,7 @@ def exhausted() -> RowOutcome:
 def test_a_success_has_every_contract_field_and_keeps_the_input() -> None:
     tpl = template()
     fields = OutputFields("llm_response", "gpt-test", tpl)
-    out = fields.apply({"id": 1, "t": "x"}, success())
+    out = output(fields, {"id": 1, "t": "x"}, success())
     assert out["id"] == 1
     assert out["t"] == "x"
     assert out["llm_response"] == "an answer"
@@ -62,20 +71,19 @@ def test_a_success_has_every_contract_field_and_keeps_the_input() -> None:
     assert "llm_response_lookup_hash" not in out
 
 
-def test_apply_does_not_mutate_the_input_row() -> None:
-    row = {"id": 1}
-    OutputFields("llm_response", "gpt-test", template()).apply(row, success())
-    assert row == {"id": 1}
+def test_the_fields_do_not_include_the_input_row() -> None:
+    fields = OutputFields("llm_response", "gpt-test", template()).for_outcome(success())
+    assert all(key.startswith("llm_response") for key in fields)
 
 
 def test_a_json_answer_is_stored_as_an_object() -> None:
-    out = OutputFields("rf", "m", template()).apply({}, success({"label": "spam"}))
+    out = output(OutputFields("rf", "m", template()), {}, success({"label": "spam"}))
     assert out["rf"] == {"label": "spam"}
 
 
 def test_a_failure_has_a_null_response_and_an_error_object() -> None:
     fields = OutputFields("llm_response", "gpt-test", template())
-    out = fields.apply({"id": 2}, failure("bad_request", FailureKind.ROW, 400))
+    out = output(fields, {"id": 2}, failure("bad_request", FailureKind.ROW, 400))
     assert out["id"] == 2
     assert "llm_response" in out
     assert out["llm_response"] is None
@@ -92,14 +100,14 @@ def test_a_failure_has_a_null_response_and_an_error_object() -> None:
 
 
 def test_an_error_without_a_status_code_omits_it() -> None:
-    out = OutputFields("rf", "m", template()).apply({}, template_failure())
+    out = output(OutputFields("rf", "m", template()), {}, template_failure())
     assert out["rf_error"]["reason"] == "template_error"
     assert "status_code" not in out["rf_error"]
     assert out["rf_error"]["attempts"] == 0
 
 
 def test_a_custom_response_field_names_every_field() -> None:
-    out = OutputFields("summary", "gpt-test", template()).apply({"a": 1}, success())
+    out = output(OutputFields("summary", "gpt-test", template()), {"a": 1}, success())
     assert out["summary"] == "an answer"
     for suffix in ("model", "usage", "template_hash", "variables_hash", "error"):
         assert f"summary_{suffix}" in out
@@ -107,7 +115,7 @@ def test_a_custom_response_field_names_every_field() -> None:
 
 
 def test_response_fields_win_over_input_fields_of_the_same_name() -> None:
-    out = OutputFields("rf", "m", template()).apply({"rf": "old", "rf_error": "x"}, success())
+    out = output(OutputFields("rf", "m", template()), {"rf": "old", "rf_error": "x"}, success())
     assert out["rf"] == "an answer"
     assert out["rf_error"] is None
 
@@ -116,38 +124,7 @@ def test_template_file_and_lookup_provenance_fields(tmp_path: Path) -> None:
     path = tmp_path / "p.j2"
     path.write_text("{{ row.t }}", encoding="utf-8")
     tpl = template(template=None, template_file=path, lookup={"k": "v"})
-    out = OutputFields("rf", "m", tpl).apply({}, success())
+    out = output(OutputFields("rf", "m", tpl), {}, success())
     assert out["rf_template_source"] == str(path)
     assert out["rf_lookup_hash"] == tpl.lookup_hash
     assert out["rf_lookup_source"] == "inline"
-
-
-def test_a_systemic_failure_holds_the_window() -> None:
-    outcomes = [success(), success(), failure("unauthorized", FailureKind.SYSTEMIC, 401)]
-    assert window_failed_systemically(outcomes)
-
-
-def test_a_window_where_every_row_ran_out_of_retries_is_held() -> None:
-    assert window_failed_systemically([exhausted(), exhausted(), exhausted()])
-
-
-def test_exhausted_rows_beside_template_errors_still_hold_the_window() -> None:
-    assert window_failed_systemically([template_failure(), exhausted()])
-
-
-def test_a_mix_of_success_and_one_exhausted_row_is_not_held() -> None:
-    assert not window_failed_systemically([success(), success(), exhausted()])
-
-
-def test_template_errors_alone_do_not_hold_the_window() -> None:
-    assert not window_failed_systemically([template_failure(), template_failure()])
-
-
-def test_row_errors_do_not_hold_the_window() -> None:
-    outcomes = [failure("bad_request", FailureKind.ROW), failure("content_filter", FailureKind.ROW)]
-    assert not window_failed_systemically(outcomes)
-
-
-def test_an_all_success_window_is_not_held() -> None:
-    assert not window_failed_systemically([success()])
-    assert not window_failed_systemically([])

@@ -34,7 +34,6 @@ def test_a_window_closes_on_count() -> None:
     assert window is not None
     assert window.close_reason is CloseReason.COUNT
     assert offsets(window) == [0, 1, 2]
-    assert acc.size == 0
     assert acc.deadline() is None
 
 
@@ -63,7 +62,6 @@ def test_a_window_closes_on_time_measured_from_its_first_item_not_its_last() -> 
     assert window is not None
     assert window.close_reason is CloseReason.TIME
     assert window.opened_at == 100.0
-    assert window.closed_at == 102.0
     assert offsets(window) == [0, 1]
 
 
@@ -84,7 +82,6 @@ def test_no_window_and_no_deadline_when_nothing_is_open() -> None:
     assert acc.deadline() is None
     clock.now = 1_000.0
     assert acc.close_if_due() is None
-    assert acc.size == 0
 
 
 def test_the_deadline_counts_from_when_the_window_opened_not_from_construction() -> None:
@@ -105,7 +102,7 @@ def test_shutdown_returns_the_partial_window() -> None:
     assert window is not None
     assert window.close_reason is CloseReason.SHUTDOWN
     assert offsets(window) == [0, 1]
-    assert acc.size == 0
+    assert acc.deadline() is None
 
 
 def test_shutdown_with_nothing_open_returns_none() -> None:
@@ -113,48 +110,10 @@ def test_shutdown_with_nothing_open_returns_none() -> None:
     assert acc.close(CloseReason.SHUTDOWN) is None
 
 
-def test_a_window_records_its_partitions() -> None:
+def test_a_window_commits_past_its_last_offset_per_partition() -> None:
     acc = WindowAccumulator(max_messages=10, max_wait_s=10.0, clock=FakeClock())
-    acc.add(item(0, TP0))
-    acc.add(item(0, TP1))
+    for offset, tp in ((4, TP0), (9, TP1), (5, TP0), (7, TP0), (10, TP1)):
+        acc.add(item(offset, tp))
     window = acc.close(CloseReason.SHUTDOWN)
     assert window is not None
-    assert window.partitions == {TP0, TP1}
-
-
-def test_drop_partitions_removes_only_the_revoked_partitions_items() -> None:
-    acc = WindowAccumulator(max_messages=10, max_wait_s=10.0, clock=FakeClock())
-    acc.add(item(0, TP0))
-    acc.add(item(0, TP1))
-    acc.add(item(1, TP0))
-    acc.add(item(1, TP1))
-    assert acc.drop_partitions([TP1]) == 2
-    assert acc.size == 2
-    window = acc.close(CloseReason.REVOKE)
-    assert window is not None
-    assert [(i.record.partition, i.record.offset) for i in window.items] == [(0, 0), (0, 1)]
-    assert window.partitions == {TP0}
-
-
-def test_dropping_every_item_leaves_no_window_open() -> None:
-    acc = WindowAccumulator(max_messages=10, max_wait_s=10.0, clock=FakeClock())
-    acc.add(item(0, TP1))
-    assert acc.drop_partitions([TP1]) == 1
-    assert acc.deadline() is None
-    assert acc.close(CloseReason.REVOKE) is None
-
-
-def test_drop_partitions_with_nothing_open_drops_nothing() -> None:
-    acc = WindowAccumulator(max_messages=10, max_wait_s=10.0, clock=FakeClock())
-    assert acc.drop_partitions([TP0]) == 0
-
-
-def test_room_is_how_many_more_items_fit_before_a_count_close() -> None:
-    acc = WindowAccumulator(max_messages=3, max_wait_s=10.0, clock=FakeClock())
-    assert acc.room == 3
-    acc.add(item(0))
-    assert acc.room == 2
-    acc.add(item(1))
-    assert acc.room == 1
-    acc.add(item(2))  # closes on count
-    assert acc.room == 3
+    assert window.committable() == {TP0: 8, TP1: 11}

@@ -1,0 +1,372 @@
+"""Step 5, deliver: produce a window's records and hand it on only once the broker has them.
+
+Two implementations, chosen once when the chain is built:
+- `ProduceStep` (at-least-once): the shared idempotent producer; the commit step follows.
+- `TransactionalProduceStep` (exactly-once): per input partition, its records and its offset
+  commit in one transaction.
+
+The poison policy lives here. A record the broker will never take (too large, invalid) is
+replaced: an output by a dead letter that says why, a dead letter by a small stub (its first
+KB and its coordinates), or the consumer stops with a clear error if the settings say so.
+Only the records not yet acknowledged are sent again, so a retry never repeats an output;
+other broker errors are retried with the shared backoff, offsets uncommitted meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, Protocol
+
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordTooLargeError,
+)
+
+from consumer import failpoints
+from consumer.pipeline.encode import STUB_BYTES, EncodedWindow, Encoder
+from consumer.pipeline.protocol import Deadline, Rejected, Step, Wakeup, join_in_order
+from consumer.records import DeadLetter, OutgoingRecord, TopicPartition
+from consumer.retry import Backoff
+
+log = logging.getLogger("consumer")
+
+Fallback = Literal["stub", "stop"]
+
+# Errors no retry can fix for this record.
+_REFUSED = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    CorruptRecordException,
+    InvalidTopicError,
+)
+
+
+class DeliveryFailed(Exception):
+    """A record can be neither produced nor dead-lettered: the consumer must stop."""
+
+
+class RecordSink(Protocol):
+    async def send_all(self, records: Sequence[OutgoingRecord]) -> list[BaseException | None]: ...
+
+    async def recover(self) -> None: ...
+
+
+class TransactionSink(Protocol):
+    async def deliver(
+        self,
+        tp: TopicPartition,
+        records: Sequence[OutgoingRecord],
+        next_offset: int,
+        group_id: str,
+    ) -> list[BaseException | None]: ...
+
+    async def reset(self, tp: TopicPartition) -> None: ...
+
+
+class DeliveryEvents(Protocol):
+    """What delivery tells the rest of the process (metrics, readiness)."""
+
+    def dead_lettered(self, reason: str) -> None: ...
+
+    def broker_ok(self) -> None: ...
+
+    def broker_error(self, what: str, error: BaseException) -> None: ...
+
+    def partition_advanced(self, tp: TopicPartition) -> None: ...
+
+
+def refused(error: BaseException) -> bool:
+    """The broker (or the client, before sending) will never accept this record."""
+    return isinstance(error, _REFUSED) or not isinstance(error, KafkaError | asyncio.TimeoutError)
+
+
+class Replacements:
+    """Turns refused records of one window into what the poison policy says they become."""
+
+    def __init__(self, encoder: Encoder, fallback: Fallback, events: DeliveryEvents) -> None:
+        self._encoder = encoder
+        self._fallback = fallback
+        self._events = events
+
+    def replace(
+        self, window: EncodedWindow, index: int, record: OutgoingRecord, error: BaseException
+    ) -> OutgoingRecord:
+        item = window.items[index]
+        why = f"{type(error).__name__}: {error}"
+        window_id = window.enriched.window.id
+        if record.topic == self._encoder.output_topic:
+            letter = DeadLetter("output_rejected", f"the broker refused the output: {why}")
+            replacement = self._encoder.dead_letter(window_id, item.record, letter)
+        elif self._fallback == "stub" and not (_is_stub(record) and not record.value):
+            # A stub keeps the first KB; if even that is refused, one with coordinates only.
+            letter = _letter_of(record)
+            keep = 0 if _is_stub(record) else STUB_BYTES
+            replacement = self._encoder.stub(window_id, item.record, letter, why, keep)
+        else:
+            raise DeliveryFailed(
+                f"the dead-letter topic {record.topic} refused the record from "
+                f"{item.record.topic}/{item.record.partition}@{item.record.offset} ({why}); "
+                "stopping without committing it (delivery.dead_letter_fallback: "
+                f"{self._fallback})"
+            )
+        log.warning(
+            "record refused by the broker; replaced",
+            extra={
+                "window_id": window_id,
+                "source": f"{item.record.topic}/{item.record.partition}@{item.record.offset}",
+                "topic": record.topic,
+                "error": why,
+                "now": "stub" if _is_stub(replacement) else "dead letter",
+            },
+        )
+        self._events.dead_lettered("stub" if _is_stub(replacement) else "output_rejected")
+        return replacement
+
+
+def _letter_of(record: OutgoingRecord) -> DeadLetter:
+    """The reason a dead letter carries, read back from its headers."""
+    headers = dict(record.headers)
+    reason = headers.get("dlq.reason", b"output_rejected").decode("utf-8", "replace")
+    return DeadLetter(reason, headers.get("dlq.message", b"").decode("utf-8", "replace"))
+
+
+def _is_stub(record: OutgoingRecord) -> bool:
+    return any(name == "dlq.truncated" for name, _ in record.headers)
+
+
+class _OneAtATime:
+    """The shared shape of both delivery steps: one window in flight, handed on in order."""
+
+    def __init__(self, next_step: Step[EncodedWindow], wakeup: Wakeup) -> None:
+        self._next = next_step
+        self._wakeup = wakeup
+        self._task: asyncio.Task[EncodedWindow] | None = None
+        self._done: EncodedWindow | None = None
+
+    def submit(self, value: EncodedWindow) -> None:
+        if self._task is not None or self._done is not None:
+            raise Rejected
+        self._task = asyncio.create_task(self._deliver(value), name="deliver")
+        self._task.add_done_callback(lambda _: self._wakeup.set())
+
+    async def _deliver(self, window: EncodedWindow) -> EncodedWindow:
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        self._forward()
+        self._next.poll()
+
+    def close(self) -> None:
+        self._next.close()
+
+    async def join(self, deadline: Deadline) -> None:
+        await join_in_order(self._forward_and_poll, self._pending, self._wakeup, deadline)
+        await self._next.join(deadline)
+
+    def terminate(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._task = self._done = None
+        self._next.terminate()
+
+    def _pending(self) -> asyncio.Future[Any] | None:
+        return self._task
+
+    def _forward_and_poll(self) -> bool:
+        done = self._forward()
+        self._next.poll()
+        return done
+
+    def _forward(self) -> bool:
+        if self._task is not None and self._task.done():
+            task, self._task = self._task, None
+            self._done = task.result()  # DeliveryFailed (or a bug) stops the consumer here
+        if self._done is not None:
+            try:
+                self._next.submit(self._done)
+            except Rejected:
+                return False
+            self._done = None
+        return self._task is None
+
+
+class ProduceStep(_OneAtATime):
+    """At-least-once: the window's records through the shared idempotent producer."""
+
+    def __init__(
+        self,
+        sink: RecordSink,
+        replacements: Replacements,
+        events: DeliveryEvents,
+        backoff: Backoff,
+        next_step: Step[EncodedWindow],
+        wakeup: Wakeup,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(next_step, wakeup)
+        self._sink = sink
+        self._replacements = replacements
+        self._events = events
+        self._backoff = backoff
+        self._sleep = sleep
+
+    async def _deliver(self, window: EncodedWindow) -> EncodedWindow:
+        records = list(window.records)
+        pending = list(range(len(records)))
+        attempt = 0
+        recover = False
+        while pending:
+            if recover:
+                try:
+                    await self._sink.recover()
+                    recover = False
+                except KafkaError as error:
+                    attempt += 1
+                    await self._wait(window, attempt, "producer restart failed", error)
+                    continue
+            results = await self._sink.send_all([records[i] for i in pending])
+            failed = [(i, e) for i, e in zip(pending, results, strict=True) if e is not None]
+            if not failed:
+                break
+            attempt += 1
+            # Any refusal or lost sequence: a fresh producer, so later records go through.
+            recover = any(not getattr(e, "retriable", False) for _, e in failed)
+            for index, failure in failed:
+                if refused(failure):
+                    records[index] = self._replacements.replace(
+                        window, index, records[index], failure
+                    )
+            pending = [i for i, _ in failed]
+            if not all(refused(e) for _, e in failed):
+                await self._wait(window, attempt, "produce failed, retrying", failed[0][1])
+        self._events.broker_ok()
+        failpoints.reach("after_produce")
+        return EncodedWindow(window.enriched, records)
+
+    async def _wait(
+        self, window: EncodedWindow, attempt: int, what: str, error: BaseException
+    ) -> None:
+        delay = self._backoff.delay(attempt)
+        self._events.broker_error(what, error)
+        log.warning(
+            what,
+            extra={
+                "window_id": window.enriched.window.id,
+                "error": repr(error),
+                "retry_in_s": round(delay, 2),
+            },
+        )
+        await self._sleep(delay)
+
+
+class TransactionalProduceStep(_OneAtATime):
+    """Exactly-once: per input partition, its records and its next offset in one transaction."""
+
+    def __init__(
+        self,
+        transactions: TransactionSink,
+        group_id: str,
+        replacements: Replacements,
+        events: DeliveryEvents,
+        backoff: Backoff,
+        next_step: Step[EncodedWindow],
+        wakeup: Wakeup,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(next_step, wakeup)
+        self._transactions = transactions
+        self._group_id = group_id
+        self._replacements = replacements
+        self._events = events
+        self._backoff = backoff
+        self._sleep = sleep
+
+    async def _deliver(self, window: EncodedWindow) -> EncodedWindow:
+        records = list(window.records)
+        by_partition: dict[TopicPartition, list[int]] = {}
+        for index, item in enumerate(window.items):
+            by_partition.setdefault(item.record.tp, []).append(index)
+        for tp, indexes in by_partition.items():
+            next_offset = max(window.items[i].record.offset for i in indexes) + 1
+            await self._transact(window, tp, indexes, records, next_offset)
+        return EncodedWindow(window.enriched, records)
+
+    async def _transact(
+        self,
+        window: EncodedWindow,
+        tp: TopicPartition,
+        indexes: list[int],
+        records: list[OutgoingRecord],
+        next_offset: int,
+    ) -> None:
+        attempt = 0
+        while True:
+            try:
+                results = await self._transactions.deliver(
+                    tp, [records[i] for i in indexes], next_offset, self._group_id
+                )
+            except ProducerFenced:
+                log.warning(
+                    "fenced: another member owns this partition now; its work is dropped",
+                    extra={"window_id": window.enriched.window.id, "partition": tuple(tp)},
+                )
+                return
+            except KafkaError as error:
+                attempt += 1
+                await self._wait_and_reset(
+                    window, tp, attempt, "transaction failed, retrying", error
+                )
+                continue
+            failed = [(i, e) for i, e in zip(indexes, results, strict=True) if e is not None]
+            if not failed:
+                self._events.broker_ok()
+                self._events.partition_advanced(tp)
+                return
+            # The transaction was aborted: every record of it is sent again in the next one.
+            attempt += 1
+            for index, failure in failed:
+                if refused(failure):
+                    records[index] = self._replacements.replace(
+                        window, index, records[index], failure
+                    )
+            await self._wait_and_reset(
+                window,
+                tp,
+                attempt,
+                "transaction aborted, retrying",
+                failed[0][1],
+                wait=not all(refused(e) for _, e in failed),
+            )
+
+    async def _wait_and_reset(
+        self,
+        window: EncodedWindow,
+        tp: TopicPartition,
+        attempt: int,
+        what: str,
+        error: BaseException,
+        wait: bool = True,
+    ) -> None:
+        self._events.broker_error(what, error)
+        delay = self._backoff.delay(attempt) if wait else 0.0
+        log.warning(
+            what,
+            extra={
+                "window_id": window.enriched.window.id,
+                "partition": tuple(tp),
+                "error": repr(error),
+                "retry_in_s": round(delay, 2),
+            },
+        )
+        if delay:
+            await self._sleep(delay)
+        try:
+            await self._transactions.reset(tp)
+        except KafkaError as reset_error:
+            log.warning("transactional producer restart failed", extra={"error": repr(reset_error)})

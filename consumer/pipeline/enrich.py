@@ -1,0 +1,198 @@
+"""Step 3, enrich: windows are enriched as soon as they arrive, several at once, in order.
+
+Up to `max_pending_windows` windows are in flight: their rows all wait for the process-wide
+limiter, whose admission is FIFO, so an older window's rows go first and a younger window only
+takes the slots the older one's slow tail leaves free. Windows leave in arrival order. So the
+window size decides how often offsets are committed and how much is held in memory, not how
+fast rows go.
+
+A window whose round failed systemically (see `enrich/holdback.py`) is held back: it waits,
+retries its failing rows, and keeps every window behind it (and their offsets) waiting too.
+Once the chain is closed (revocation, shutdown), a held window gives up at once, and the
+windows behind it are dropped with it: their partitions' next owner reads them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from consumer.config import RetrySettings
+from consumer.enrich.holdback import HoldBackPolicy
+from consumer.enrich.outcome import RowOutcome
+from consumer.enrich.runner import WindowEnricher
+from consumer.pipeline.protocol import Deadline, Rejected, Step, Wakeup, join_in_order
+from consumer.retry import Backoff
+from consumer.window import Window
+
+log = logging.getLogger("consumer")
+
+
+class SuccessCount(Protocol):
+    """How many LLM requests of this process have succeeded so far (any row, any window)."""
+
+    @property
+    def successes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class EnrichedWindow:
+    window: Window
+    # Aligned with window.items; None where the item is a dead letter (no row to enrich).
+    outcomes: list[RowOutcome | None]
+    started_at: float
+
+
+class _Abandoned(Exception):
+    """A held window gave up because the step was closed."""
+
+
+class EnrichStep:
+    def __init__(
+        self,
+        enricher: WindowEnricher,
+        retry: RetrySettings,
+        health: SuccessCount,
+        max_windows: int,
+        next_step: Step[EnrichedWindow],
+        wakeup: Wakeup,
+        backoff: Backoff,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._enricher = enricher
+        self._retry = retry
+        self._health = health
+        self._max_windows = max_windows
+        self._next = next_step
+        self._wakeup = wakeup
+        self._backoff = backoff
+        self._sleep = sleep
+        self._clock = clock
+        self._in_flight: deque[tuple[Window, asyncio.Task[EnrichedWindow]]] = deque()
+        self._holding: dict[str, str] = {}
+        self._closed = asyncio.Event()
+
+    @property
+    def held_back_reason(self) -> str | None:
+        """Why the oldest held window waits, or None when none is held."""
+        return next(iter(self._holding.values()), None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def submit(self, value: Window) -> None:
+        if len(self._in_flight) >= self._max_windows:
+            raise Rejected
+        task = asyncio.create_task(self._enrich(value), name=f"enrich-{value.id}")
+        task.add_done_callback(lambda _: self._wakeup.set())
+        self._in_flight.append((value, task))
+
+    def poll(self) -> None:
+        self._forward()
+        self._next.poll()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._next.close()
+
+    async def join(self, deadline: Deadline) -> None:
+        await join_in_order(self._forward_and_poll, self._head_task, self._wakeup, deadline)
+        await self._next.join(deadline)
+
+    def terminate(self) -> None:
+        for _, task in self._in_flight:
+            task.cancel()
+        self._in_flight.clear()
+        self._holding.clear()
+        self._next.terminate()
+
+    def _forward_and_poll(self) -> bool:
+        done = self._forward()
+        self._next.poll()
+        return done
+
+    def _head_task(self) -> asyncio.Future[Any] | None:
+        if self._in_flight and not self._in_flight[0][1].done():
+            return self._in_flight[0][1]
+        return None
+
+    def _forward(self) -> bool:
+        """Pass finished windows on in order; True when nothing is left that could be."""
+        while self._in_flight:
+            window, task = self._in_flight[0]
+            if not task.done():
+                return False
+            if task.cancelled() or isinstance(task.exception(), _Abandoned):
+                # Everything behind an abandoned window must wait for the next owner too.
+                log.warning("window abandoned", extra={"window_id": window.id})
+                return True
+            try:
+                self._next.submit(task.result())  # a failed task re-raises here: a bug
+            except Rejected:
+                return False
+            self._in_flight.popleft()
+        return True
+
+    async def _enrich(self, window: Window) -> EnrichedWindow:
+        started = self._clock()
+        indexes = [i for i, item in enumerate(window.items) if item.row is not None]
+        rows = [row for item in window.items if (row := item.row) is not None]
+        policy = HoldBackPolicy(self._retry.partial_window_retries, self._backoff)
+        successes_before = self._health.successes
+        outcomes = await self._enricher.enrich(rows)
+        round_outcomes = outcomes
+        try:
+            while True:
+                others_succeeded = self._health.successes > successes_before + sum(
+                    1 for o in round_outcomes if o.completion is not None
+                )
+                hold = policy.next_hold(outcomes, round_outcomes, others_succeeded)
+                if hold is None:
+                    break
+                failing = [o for o in outcomes if o.needs_retry_later]
+                first = failing[0].error
+                reason = first.reason if first else "unknown"
+                self._holding[window.id] = f"held back: {reason} ({len(failing)} rows failing)"
+                log.warning(
+                    "window held back: offsets stay uncommitted",
+                    extra={
+                        "window_id": window.id,
+                        "reason": reason,
+                        "status_code": first.status_code if first else None,
+                        "systemic": hold.systemic,
+                        "failed_rows": len(failing),
+                        "retry_in_s": round(hold.seconds, 1),
+                    },
+                )
+                await self._sleep_unless_closed(hold.seconds)
+                todo = [i for i, o in enumerate(outcomes) if o.needs_retry_later]
+                successes_before = self._health.successes
+                round_outcomes = await self._enricher.enrich([rows[i] for i in todo])
+                for index, outcome in zip(todo, round_outcomes, strict=True):
+                    outcomes[index] = outcome
+        finally:
+            self._holding.pop(window.id, None)
+        aligned: list[RowOutcome | None] = [None] * len(window.items)
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            aligned[index] = outcome
+        return EnrichedWindow(window, aligned, started)
+
+    async def _sleep_unless_closed(self, seconds: float) -> None:
+        if self._closed.is_set():
+            raise _Abandoned
+        closed = asyncio.ensure_future(self._closed.wait())
+        sleeping = asyncio.ensure_future(self._sleep(seconds))
+        try:
+            await asyncio.wait([closed, sleeping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            sleeping.cancel()
+        if self._closed.is_set():
+            raise _Abandoned

@@ -1,0 +1,76 @@
+"""The last step: a finished window is counted in the metrics and logged, then forgotten."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from consumer.enrich.outcome import RowOutcome
+from consumer.pipeline.encode import EncodedWindow
+from consumer.pipeline.protocol import Deadline
+from consumer.records import Item
+from consumer.window import Window
+
+log = logging.getLogger("consumer")
+
+
+class WindowMetrics(Protocol):
+    def window_done(self, window: Window, outcomes: list[RowOutcome], seconds: float) -> None: ...
+
+
+class ReportStep:
+    def __init__(
+        self,
+        metrics: WindowMetrics,
+        dlq_topic: str,
+        limit: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._metrics = metrics
+        self._dlq_topic = dlq_topic
+        self._limit = limit
+        self._clock = clock
+
+    def submit(self, value: EncodedWindow) -> None:
+        enriched = value.enriched
+        window = enriched.window
+        seconds = self._clock() - enriched.started_at
+        outcomes = [o for o in enriched.outcomes if o is not None]
+        self._metrics.window_done(window, outcomes, seconds)
+        log.info(
+            "window done",
+            extra={
+                "window_id": window.id,
+                "close_reason": str(window.close_reason),
+                "rows": len(outcomes),
+                "row_errors": sum(1 for o in outcomes if o.error is not None),
+                "dead_letters": sum(1 for r in value.records if r.topic == self._dlq_topic),
+                "seconds": round(seconds, 3),
+                "partitions": offset_ranges(window.items),
+                "limit": round(self._limit(), 1),
+            },
+        )
+
+    def poll(self) -> None:
+        """Nothing in flight."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    async def join(self, deadline: Deadline) -> None:
+        """Nothing to wait for."""
+
+    def terminate(self) -> None:
+        """Nothing to drop."""
+
+
+def offset_ranges(items: list[Item]) -> dict[str, str]:
+    ranges: dict[str, list[int]] = {}
+    for item in items:
+        key = f"{item.record.topic}/{item.record.partition}"
+        bounds = ranges.setdefault(key, [item.record.offset, item.record.offset])
+        bounds[0] = min(bounds[0], item.record.offset)
+        bounds[1] = max(bounds[1], item.record.offset)
+    return {key: f"{low}-{high}" for key, (low, high) in ranges.items()}
