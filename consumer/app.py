@@ -20,7 +20,6 @@ import signal
 from collections import deque
 
 from consumer.config import Settings
-from consumer.decode import RowLimits
 from consumer.enrich.outcome import OutputFields
 from consumer.enrich.runner import WindowEnricher
 from consumer.enrich.template import PromptTemplate
@@ -31,64 +30,23 @@ from consumer.kafka.transactions import TransactionalSink
 from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient
 from consumer.llm.limiter import AIMDLimiter
-from consumer.observability import Metrics, Observability
-from consumer.observability.health import BrokerHealth, PartitionProgress, ProviderHealth
-from consumer.pipeline import (
-    CommitStep,
-    Deadline,
-    DecodeStep,
-    EncodedWindow,
-    Encoder,
-    EncodeStep,
-    EnrichStep,
-    ProduceStep,
-    Rejected,
-    Replacements,
-    ReportStep,
-    Step,
-    TransactionalProduceStep,
-    Wakeup,
-    WindowingStep,
+from consumer.observability import (
+    BrokerHealth,
+    Metrics,
+    Observability,
+    PartitionProgress,
+    PipelineEvents,
+    ProviderHealth,
 )
+from consumer.pipeline import Chain, Deadline, Encoder, Parts, Rejected, Wakeup, build_chain
 from consumer.records import SourceRecord, TopicPartition
-from consumer.retry import Backoff
-from consumer.window import CloseReason, WindowAccumulator
+from consumer.window import CloseReason
 
 log = logging.getLogger("consumer")
 
 _FETCH_WAIT_S = 0.5
 _FETCH_MAX_RECORDS = 500
 _LONG_PROVIDER_WAIT_S = 10.0
-_BROKER_BACKOFF = (0.5, 30.0)
-
-
-class _Events:
-    """Delivery and commit news, passed on to the metrics and the health checks."""
-
-    def __init__(self, metrics: Metrics, broker: BrokerHealth, progress: PartitionProgress) -> None:
-        self._metrics, self._broker, self._progress = metrics, broker, progress
-
-    def dead_lettered(self, reason: str) -> None:
-        self._metrics.dead_letter(reason)
-
-    def broker_ok(self) -> None:
-        self._broker.record_ok()
-
-    def broker_error(self, what: str, error: BaseException) -> None:
-        self._broker.record_error(what, repr(error))
-
-    def partition_advanced(self, tp: TopicPartition) -> None:
-        self._progress.advanced(tp)
-
-    def committed(self, seconds: float) -> None:
-        self._metrics.committed(seconds)
-
-
-class _Chain:
-    """One chain of steps, built per assignment; the app keeps handles on three of them."""
-
-    def __init__(self, first: Step[SourceRecord], windowing: WindowingStep, enrich: EnrichStep):
-        self.first, self.windowing, self.enrich = first, windowing, enrich
 
 
 class ConsumerApp:
@@ -105,40 +63,43 @@ class ConsumerApp:
         self.metrics = Metrics(settings)
         self.limiter = limiter or AIMDLimiter.from_settings(llm.concurrency)
         self._client = client or ChatClient(llm)
-        self.provider_health = ProviderHealth()
-        self.broker_health = BrokerHealth()
-        self.progress = PartitionProgress(settings.observability.stuck_partition_after_s)
+        provider, broker = ProviderHealth(), BrokerHealth()
+        progress = PartitionProgress(settings.observability.stuck_partition_after_s)
         caller = LLMCaller(
             self._client,
             self.limiter,
             llm.retry,
             on_attempt=self.metrics.attempt_hook(),
-            health=self.provider_health,
+            health=provider,
         )
         template = PromptTemplate(llm)
-        self._enricher = WindowEnricher(template, caller)
-        self._encoder = Encoder(
-            kafka.output_topic,
-            kafka.dead_letter_topic,
-            OutputFields(llm.response_field, llm.model_name, template),
-            llm.model_name,
-            template.template_hash,
-        )
-        self._events = _Events(self.metrics, self.broker_health, self.progress)
-        self._source = KafkaSource(build_consumer(kafka))
+        fields = OutputFields(llm.response_field, llm.model_name, template)
         codec = settings.delivery.output_compression
         compression = None if codec == "none" else codec
         exactly_once = settings.delivery.mode == "exactly_once"
-        self._transactions = (
-            TransactionalSink(kafka, compression, settings.delivery.transactional_id_prefix)
-            if exactly_once
-            else None
+        prefix = settings.delivery.transactional_id_prefix
+        self._parts = Parts(
+            settings=settings,
+            enricher=WindowEnricher(template, caller),
+            encoder=Encoder(
+                kafka.output_topic,
+                kafka.dead_letter_topic,
+                fields,
+                llm.model_name,
+                template.template_hash,
+            ),
+            provider_health=provider,
+            events=PipelineEvents(self.metrics, broker, progress),
+            metrics=self.metrics,
+            limiter=self.limiter,
+            source=KafkaSource(build_consumer(kafka)),
+            sink=None if exactly_once else ProducerSink(lambda: build_producer(kafka, compression)),
+            transactions=TransactionalSink(kafka, compression, prefix) if exactly_once else None,
         )
-        self._sink = (
-            None if exactly_once else ProducerSink(lambda: build_producer(kafka, compression))
-        )
+        self._source = self._parts.source
+        self._progress = progress
         self._wakeup = Wakeup()
-        self._chain: _Chain | None = None
+        self._chain: Chain | None = None
         self._records: deque[SourceRecord] = deque()
         self._fetch: asyncio.Task[list[SourceRecord]] | None = None
         self._stopping = asyncio.Event()
@@ -147,9 +108,9 @@ class ConsumerApp:
             self.metrics,
             self,
             self._source.consumer,
-            provider=self.provider_health,
-            broker=self.broker_health,
-            progress=self.progress,
+            provider=provider,
+            broker=broker,
+            progress=progress,
         )
 
     @property
@@ -167,63 +128,14 @@ class ConsumerApp:
             self._stopping.set()
             self._wakeup.set()
 
-    def _build_chain(self) -> _Chain:
-        """The steps in the order data flows through them; the only place that knows it."""
-        settings = self.settings
-        broker_backoff = Backoff(*_BROKER_BACKOFF)
-        replacements = Replacements(
-            self._encoder, settings.delivery.dead_letter_fallback, self._events
-        )
-        report = ReportStep(
-            self.metrics, settings.kafka.dead_letter_topic, lambda: self.limiter.limit
-        )
-        deliver: Step[EncodedWindow]
-        if self._transactions is not None:
-            deliver = TransactionalProduceStep(
-                self._transactions,
-                settings.kafka.group_id,
-                replacements,
-                self._events,
-                broker_backoff,
-                report,
-                self._wakeup,
-            )
-        else:
-            assert self._sink is not None
-            commit = CommitStep(self._source, self._events, report, self._wakeup, broker_backoff)
-            deliver = ProduceStep(
-                self._sink, replacements, self._events, broker_backoff, commit, self._wakeup
-            )
-        encode = EncodeStep(self._encoder, deliver)
-        retry = settings.llm.retry
-        enrich = EnrichStep(
-            self._enricher,
-            retry,
-            self.provider_health,
-            settings.window.max_pending_windows,
-            encode,
-            self._wakeup,
-            Backoff(2.0, retry.window_backoff_max_s),
-        )
-        window = settings.window
-        windowing = WindowingStep(
-            WindowAccumulator(window.max_messages, window.max_wait_ms / 1000.0),
-            enrich,
-            self._wakeup,
-        )
-        decode = DecodeStep(
-            RowLimits.from_settings(settings.kafka), windowing, self.metrics.consumed
-        )
-        return _Chain(decode, windowing, enrich)
-
     async def run(self) -> int:
         """Consume until asked to stop; returns the process exit code."""
         kafka = self.settings.kafka
         await self.observability.start()
         failed = False
         try:
-            if self._sink is not None:
-                await self._sink.start()
+            if self._parts.sink is not None:
+                await self._parts.sink.start()
             await self._source.start()
             self._source.subscribe(kafka.input_topic, self._on_assigned, self._on_revoked)
             log.info(
@@ -243,10 +155,10 @@ class ConsumerApp:
             await self._release(CloseReason.SHUTDOWN, abandon=failed)
         finally:
             await self._source.stop()
-            if self._transactions is not None:
-                await self._transactions.close()
-            if self._sink is not None:
-                await self._sink.stop()
+            if self._parts.transactions is not None:
+                await self._parts.transactions.close()
+            if self._parts.sink is not None:
+                await self._parts.sink.stop()
             await self._client.aclose()
             await self.observability.stop()
         log.info("stopped")
@@ -279,14 +191,12 @@ class ConsumerApp:
                     await self._fetch
                 self._fetch = None
 
-    def _feed(self, chain: _Chain) -> None:
-        records = self._records
-        try:
-            while records:
-                chain.first.submit(records[0])
-                records.popleft()
-        except Rejected:
-            pass
+    def _feed(self, chain: Chain) -> None:
+        """Submit fetched records in order until the chain is full (then they wait here)."""
+        with contextlib.suppress(Rejected):
+            while self._records:
+                chain.first.submit(self._records[0])
+                self._records.popleft()
 
     def _apply_backpressure(self) -> None:
         """Pause while records wait for room, or while the provider asked for a long wait."""
@@ -297,9 +207,11 @@ class ConsumerApp:
             self._source.resume_all()
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        if self._transactions is not None:
-            await self._transactions.assign(assigned)
-        self._chain = self._build_chain()
+        if self._chain is not None:  # eager rebalances revoke first; never run two chains
+            await self._release(CloseReason.REVOKE)
+        if self._parts.transactions is not None:
+            await self._parts.transactions.assign(assigned)
+        self._chain = build_chain(self._parts, self._wakeup)
         self._wakeup.set()
         log.info("partitions assigned", extra={"partitions": sorted(map(tuple, assigned))})
 
@@ -341,9 +253,13 @@ class ConsumerApp:
                 "windows left unfinished: their offsets stay uncommitted for the next owner",
                 extra={"reason": str(reason)},
             )
-        if self._transactions is not None:
-            await self._transactions.close()
-        self.progress.reset()
+        if self._parts.transactions is not None:
+            # The same deadline, with a floor: a new owner fences a producer left behind.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._parts.transactions.close(), max(deadline.remaining(), 1.0)
+                )
+        self._progress.reset()
         return dropped
 
 

@@ -3,6 +3,7 @@
 decode -> windowing -> enrich -> encode -> deliver -> commit -> report
 """
 
+from consumer.pipeline.chain import Chain, Parts, build_chain
 from consumer.pipeline.commit import CommitStep, OffsetTracker
 from consumer.pipeline.decode import DecodeStep
 from consumer.pipeline.deliver import (
@@ -18,6 +19,7 @@ from consumer.pipeline.report import ReportStep
 from consumer.pipeline.windowing import WindowingStep
 
 __all__ = [
+    "Chain",
     "CommitStep",
     "Deadline",
     "DecodeStep",
@@ -28,6 +30,7 @@ __all__ = [
     "EnrichStep",
     "EnrichedWindow",
     "OffsetTracker",
+    "Parts",
     "ProduceStep",
     "Rejected",
     "Replacements",
@@ -36,4 +39,5 @@ __all__ = [
     "TransactionalProduceStep",
     "Wakeup",
     "WindowingStep",
+    "build_chain",
 ]

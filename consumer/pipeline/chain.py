@@ -1,0 +1,100 @@
+"""The chain of steps, in the order data flows through them: the one place that knows it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from consumer.config import Settings
+from consumer.decode import RowLimits
+from consumer.enrich.runner import WindowEnricher
+from consumer.kafka.sink import ProducerSink
+from consumer.kafka.source import KafkaSource
+from consumer.kafka.transactions import TransactionalSink
+from consumer.llm.limiter import AIMDLimiter
+from consumer.observability import Metrics, PipelineEvents, ProviderHealth
+from consumer.pipeline.commit import CommitStep
+from consumer.pipeline.decode import DecodeStep
+from consumer.pipeline.deliver import ProduceStep, Replacements, TransactionalProduceStep
+from consumer.pipeline.encode import EncodedWindow, Encoder, EncodeStep
+from consumer.pipeline.enrich import EnrichStep
+from consumer.pipeline.protocol import Step, Wakeup
+from consumer.pipeline.report import ReportStep
+from consumer.pipeline.windowing import WindowingStep
+from consumer.records import SourceRecord
+from consumer.retry import Backoff
+from consumer.window import WindowAccumulator
+
+_BROKER_BACKOFF = Backoff(0.5, 30.0)
+# The first hold of a window waits about this long; later ones double, up to the setting.
+_FIRST_HOLD_S = 2.0
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The long-lived resources a chain is built from; they outlive every chain."""
+
+    settings: Settings
+    enricher: WindowEnricher
+    encoder: Encoder
+    provider_health: ProviderHealth
+    events: PipelineEvents
+    metrics: Metrics
+    limiter: AIMDLimiter
+    source: KafkaSource
+    # Exactly one of the two: the delivery mode is decided here, once.
+    sink: ProducerSink | None
+    transactions: TransactionalSink | None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain built for one assignment; the app keeps handles on the steps it must reach."""
+
+    first: Step[SourceRecord]
+    windowing: WindowingStep
+    enrich: EnrichStep
+
+
+def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
+    """decode -> windowing -> enrich -> encode -> deliver -> (commit) -> report.
+
+    Built from the last step to the first, since each step is given its next.
+    """
+    settings = parts.settings
+    replacements = Replacements(parts.encoder, settings.delivery.dead_letter_fallback, parts.events)
+    report = ReportStep(
+        parts.metrics, settings.kafka.dead_letter_topic, lambda: parts.limiter.limit
+    )
+    deliver: Step[EncodedWindow]
+    if parts.transactions is not None:
+        deliver = TransactionalProduceStep(
+            parts.transactions,
+            settings.kafka.group_id,
+            replacements,
+            parts.events,
+            _BROKER_BACKOFF,
+            report,
+            wakeup,
+        )
+    else:
+        assert parts.sink is not None
+        commit = CommitStep(parts.source, parts.events, report, wakeup, _BROKER_BACKOFF)
+        deliver = ProduceStep(
+            parts.sink, replacements, parts.events, _BROKER_BACKOFF, commit, wakeup
+        )
+    retry = settings.llm.retry
+    enrich = EnrichStep(
+        parts.enricher,
+        retry,
+        parts.provider_health,
+        settings.window.max_pending_windows,
+        EncodeStep(parts.encoder, deliver),
+        wakeup,
+        Backoff(_FIRST_HOLD_S, retry.window_backoff_max_s),
+    )
+    window = settings.window
+    windowing = WindowingStep(
+        WindowAccumulator(window.max_messages, window.max_wait_ms / 1000.0), enrich, wakeup
+    )
+    decode = DecodeStep(RowLimits.from_settings(settings.kafka), windowing, parts.metrics.consumed)
+    return Chain(decode, windowing, enrich)
