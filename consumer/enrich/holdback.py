@@ -1,10 +1,13 @@
 """When a window waits instead of writing error rows: the hold-back policy, pure.
 
 A round of enrichment is systemic (the provider or the configuration failed, not the rows)
-when any row failed systemically (bad key, missing deployment), or when every row that
-reached the provider failed retryably and no request of this process succeeded meanwhile:
-the provider is down for everyone, so waiting is right and error rows would be wrong. A
-systemic round holds the window for as long as it lasts, offsets uncommitted.
+when any row failed systemically (bad key, missing deployment), or, while no request of this
+process succeeded meanwhile, when every row that reached the provider failed retryably (the
+provider is down for everyone) or at least `SAME_ERROR_MIN_ROWS` rows all got the same row
+error that is not about their content (every row would fail the same way: a configuration
+problem, like a parameter the model rejects). Waiting is right then and
+error rows would be wrong: a systemic round holds the window for as long as it lasts, offsets
+uncommitted.
 
 When other requests did succeed during the round, the failures are the rows' own: such a
 window is held back at most `partial_window_retries` times (the edge of an outage gets a
@@ -29,12 +32,49 @@ class Hold:
     seconds: float
     systemic: bool
 
+    def rows_to_retry(self, outcomes: Sequence[RowOutcome]) -> list[int]:
+        """Rows that failed for a reason outside them; after a systemic round, every row
+        that reached the provider and failed (their errors may be the configuration's)."""
+        return [
+            i
+            for i, o in enumerate(outcomes)
+            if o.needs_retry_later or (self.systemic and o.error is not None and o.reached_provider)
+        ]
+
+
+# A round in which at least this many rows reached the provider and all got the same row error,
+# while nothing succeeded anywhere, is a configuration problem rather than that many bad rows.
+SAME_ERROR_MIN_ROWS = 3
+# Errors about a row's own content or answer: many of them at once are still the rows' fault.
+ROW_CONTENT_REASONS = frozenset(
+    {
+        "content_filter",
+        "refused",
+        "context_length_exceeded",
+        "request_too_large",
+        "invalid_json_response",
+        "schema_mismatch",
+        "empty_answer",
+        "invalid_answer",
+    }
+)
+
 
 def round_failed_systemically(round_outcomes: Sequence[RowOutcome], others_succeeded: bool) -> bool:
     if any(o.failure_kind is FailureKind.SYSTEMIC for o in round_outcomes):
         return True
+    if others_succeeded:
+        return False
     reached = [o for o in round_outcomes if o.reached_provider]
-    return bool(reached) and all(o.needs_retry_later for o in reached) and not others_succeeded
+    if reached and all(o.needs_retry_later for o in reached):
+        return True
+    errors = {(o.error.reason, o.error.status_code) for o in reached if o.error is not None}
+    return (
+        len(reached) >= SAME_ERROR_MIN_ROWS
+        and len(errors) == 1
+        and all(o.error is not None for o in reached)
+        and next(iter(errors))[0] not in ROW_CONTENT_REASONS
+    )
 
 
 class HoldBackPolicy:
@@ -54,10 +94,10 @@ class HoldBackPolicy:
 
         One policy object per window: it counts that window's holds.
         """
-        if not any(o.needs_retry_later for o in outcomes):
-            return None
         systemic = round_failed_systemically(round_outcomes, others_succeeded)
         if not systemic:
+            if not any(o.needs_retry_later for o in outcomes):
+                return None
             if self._partial_holds >= self._partial_retries:
                 return None
             self._partial_holds += 1

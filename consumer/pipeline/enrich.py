@@ -156,7 +156,8 @@ class EnrichStep:
                 hold = policy.next_hold(outcomes, round_outcomes, others_succeeded)
                 if hold is None:
                     break
-                failing = [o for o in outcomes if o.needs_retry_later]
+                todo = hold.rows_to_retry(outcomes)
+                failing = [outcomes[i] for i in todo]
                 first = failing[0].error
                 reason = first.reason if first else "unknown"
                 self._holding[window.id] = f"held back: {reason} ({len(failing)} rows failing)"
@@ -172,7 +173,6 @@ class EnrichStep:
                     },
                 )
                 await self._sleep_unless_closed(hold.seconds)
-                todo = [i for i, o in enumerate(outcomes) if o.needs_retry_later]
                 successes_before = self._health.successes
                 round_outcomes = await self._enricher.enrich([rows[i] for i in todo])
                 for index, outcome in zip(todo, round_outcomes, strict=True):
