@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import signal
 from collections import deque
+
+from aiokafka.errors import KafkaError
 
 from consumer.config import Settings
 from consumer.enrich.outcome import OutputFields
@@ -39,7 +42,9 @@ from consumer.observability import (
     ProviderHealth,
 )
 from consumer.pipeline import Chain, Deadline, Encoder, Parts, Rejected, Wakeup, build_chain
+from consumer.pipeline.report import Tally
 from consumer.records import SourceRecord, TopicPartition
+from consumer.retry import Backoff
 from consumer.window import CloseReason
 
 log = logging.getLogger("consumer")
@@ -78,8 +83,10 @@ class ConsumerApp:
         compression = None if codec == "none" else codec
         exactly_once = settings.delivery.mode == "exactly_once"
         prefix = settings.delivery.transactional_id_prefix
+        self._tally = Tally()
         self._parts = Parts(
             settings=settings,
+            tally=self._tally,
             enricher=WindowEnricher(template, caller),
             encoder=Encoder(
                 kafka.output_topic,
@@ -134,9 +141,7 @@ class ConsumerApp:
         await self.observability.start()
         failed = False
         try:
-            if self._parts.sink is not None:
-                await self._parts.sink.start()
-            await self._source.start()
+            await self._connect()
             self._source.subscribe(kafka.input_topic, self._on_assigned, self._on_revoked)
             log.info(
                 "consuming",
@@ -161,8 +166,42 @@ class ConsumerApp:
                 await self._parts.sink.stop()
             await self._client.aclose()
             await self.observability.stop()
-        log.info("stopped")
+        tally = self._tally
+        log.info(
+            "stopped",
+            extra={
+                "rows_consumed": tally.consumed,
+                "rows_finished": tally.finished,
+                "rows_left_for_next_owner": max(0, tally.consumed - tally.finished),
+            },
+        )
         return 1 if failed else 0
+
+    async def _connect(self) -> None:
+        """Reach the broker, retrying with backoff for `kafka.connect_timeout_s`."""
+        deadline = Deadline(self.settings.kafka.connect_timeout_s)
+        backoff = Backoff(0.5, 5.0)
+        for attempt in itertools.count(1):
+            try:
+                if self._parts.sink is not None:
+                    await self._parts.sink.start()
+                await self._source.start()
+                return
+            except KafkaError as error:
+                if self._parts.sink is not None:
+                    await self._parts.sink.stop()
+                if deadline.expired:
+                    raise
+                delay = min(backoff.delay(attempt), deadline.remaining())
+                log.warning(
+                    "cannot reach the broker yet; retrying",
+                    extra={
+                        "bootstrap": self.settings.kafka.bootstrap_servers,
+                        "error": str(error),
+                        "retry_in_s": round(delay, 1),
+                    },
+                )
+                await asyncio.sleep(delay)
 
     async def _loop(self) -> None:
         try:
@@ -223,11 +262,11 @@ class ConsumerApp:
         abandoned = await self._release(CloseReason.REVOKE)
         log.info(
             "partitions revoked",
-            extra={"partitions": sorted(map(tuple, revoked)), "abandoned_window": abandoned},
+            extra={"partitions": sorted(map(tuple, revoked)), "rows_left": abandoned},
         )
 
-    async def _release(self, reason: CloseReason, abandon: bool = False) -> bool:
-        """close -> join -> terminate the chain within one deadline; True if work was dropped."""
+    async def _release(self, reason: CloseReason, abandon: bool = False) -> int:
+        """close -> join -> terminate the chain within one deadline; the rows it dropped."""
         chain, self._chain = self._chain, None
         self._records.clear()
         budget = (
@@ -236,7 +275,7 @@ class ConsumerApp:
             else self.settings.kafka.rebalance_timeout_ms / 1000.0 * 0.5
         )
         deadline = Deadline(0.0 if abandon else budget)
-        dropped = False
+        dropped = 0
         if self._fetch is not None and self._fetch.done():
             self._fetch = None  # fetched for the old assignment: read again after the next one
         if chain is not None:
@@ -246,12 +285,12 @@ class ConsumerApp:
                 await chain.first.join(deadline)
             except Exception:
                 log.exception("finishing the windows in flight failed")
-            dropped = chain.enrich.in_flight > 0
             chain.first.terminate()
+            dropped = chain.unfinished()
         if dropped:
             log.warning(
-                "windows left unfinished: their offsets stay uncommitted for the next owner",
-                extra={"reason": str(reason)},
+                "rows left unfinished: their offsets stay uncommitted for the next owner",
+                extra={"reason": str(reason), "rows": dropped},
             )
         if self._parts.transactions is not None:
             # The same deadline, with a floor: a new owner fences a producer left behind.

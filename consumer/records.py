@@ -53,3 +53,5 @@ class OutgoingRecord:
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    # A cut-down dead letter, written when the DLQ refused the whole one.
+    stub: bool = False

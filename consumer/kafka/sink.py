@@ -58,7 +58,11 @@ class ProducerSink:
 
     async def start(self) -> None:
         producer = self._build()
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()  # a producer that failed to start still holds its client
+            raise
         self._producer = producer
 
     async def stop(self) -> None:

@@ -38,7 +38,11 @@ class KafkaSource:
         self.consumer = consumer
 
     async def start(self) -> None:
-        await self.consumer.start()
+        try:
+            await self.consumer.start()
+        except BaseException:
+            await self.consumer.stop()  # one that failed to start still holds its client
+            raise
 
     async def stop(self) -> None:
         await self.consumer.stop()

@@ -51,7 +51,11 @@ class TransactionalSink:
             producer = build_producer(
                 self._settings, self._compression, transactional_id(self._prefix, tp)
             )
-            await producer.start()
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()  # one that failed to start still holds its client
+                raise
             self._producers[tp] = producer
 
     async def release(self, partitions: Iterable[TopicPartition]) -> None:
@@ -82,8 +86,9 @@ class TransactionalSink:
         the transaction itself (fenced, broker unreachable), also after aborting.
         """
         producer = self._producers.get(tp)
-        if producer is None:
-            raise LookupError(f"no transactional producer for {tp}: not assigned here")
+        if producer is None:  # its restart failed (broker away): start it again first
+            await self.assign([tp])
+            producer = self._producers[tp]
         await producer.begin_transaction()
         try:
             results = await send_each(producer, records)

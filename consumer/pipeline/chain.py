@@ -18,7 +18,7 @@ from consumer.pipeline.deliver import ProduceStep, Replacements, TransactionalPr
 from consumer.pipeline.encode import EncodedWindow, Encoder, EncodeStep
 from consumer.pipeline.enrich import EnrichStep
 from consumer.pipeline.protocol import Step, Wakeup
-from consumer.pipeline.report import ReportStep
+from consumer.pipeline.report import ReportStep, Tally
 from consumer.pipeline.windowing import WindowingStep
 from consumer.records import SourceRecord
 from consumer.retry import Backoff
@@ -39,6 +39,7 @@ class Parts:
     provider_health: ProviderHealth
     events: PipelineEvents
     metrics: Metrics
+    tally: Tally
     limiter: AIMDLimiter
     source: KafkaSource
     # Exactly one of the two: the delivery mode is decided here, once.
@@ -53,6 +54,15 @@ class Chain:
     first: Step[SourceRecord]
     windowing: WindowingStep
     enrich: EnrichStep
+    tally: Tally
+    # The tally when the chain was built: what it consumed and finished since is its own.
+    consumed_before: int
+    finished_before: int
+
+    def unfinished(self) -> int:
+        """Records this chain took and did not finish (dropped for the next owner)."""
+        consumed = self.tally.consumed - self.consumed_before
+        return max(0, consumed - (self.tally.finished - self.finished_before))
 
 
 def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
@@ -63,7 +73,7 @@ def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
     settings = parts.settings
     replacements = Replacements(parts.encoder, settings.delivery.dead_letter_fallback, parts.events)
     report = ReportStep(
-        parts.metrics, settings.kafka.dead_letter_topic, lambda: parts.limiter.limit
+        parts.metrics, parts.tally, settings.kafka.dead_letter_topic, lambda: parts.limiter.limit
     )
     deliver: Step[EncodedWindow]
     if parts.transactions is not None:
@@ -96,5 +106,11 @@ def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
     windowing = WindowingStep(
         WindowAccumulator(window.max_messages, window.max_wait_ms / 1000.0), enrich, wakeup
     )
-    decode = DecodeStep(RowLimits.from_settings(settings.kafka), windowing, parts.metrics.consumed)
-    return Chain(decode, windowing, enrich)
+
+    def consumed() -> None:
+        parts.metrics.consumed()
+        parts.tally.consume()
+
+    decode = DecodeStep(RowLimits.from_settings(settings.kafka), windowing, consumed)
+    tally = parts.tally
+    return Chain(decode, windowing, enrich, tally, tally.consumed, tally.finished)

@@ -20,11 +20,14 @@ from typing import Any, Protocol
 from aiokafka.errors import KafkaError
 
 from consumer.pipeline.encode import EncodedWindow
-from consumer.pipeline.protocol import Deadline, Step, Wakeup
+from consumer.pipeline.protocol import Deadline, Rejected, Step, Wakeup
 from consumer.records import TopicPartition
 from consumer.retry import Backoff
 
 log = logging.getLogger("consumer")
+
+# Delivered windows waiting for a commit beyond this push back on delivery (and so on fetching).
+_MAX_UNCOMMITTED_WINDOWS = 16
 
 
 class Committer(Protocol):
@@ -87,6 +90,8 @@ class CommitStep:
         self._covered: list[EncodedWindow] = []
 
     def submit(self, value: EncodedWindow) -> None:
+        if len(self._uncommitted) + len(self._covered) >= _MAX_UNCOMMITTED_WINDOWS:
+            raise Rejected  # commits keep failing: stop taking delivered windows, keep memory
         self._tracker.advance(value.enriched.window.committable())
         self._uncommitted.append(value)
         self._start_commit()

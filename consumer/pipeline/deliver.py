@@ -23,6 +23,7 @@ from aiokafka.errors import (
     CorruptRecordException,
     InvalidTopicError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     ProducerFenced,
     RecordTooLargeError,
@@ -81,6 +82,15 @@ class DeliveryEvents(Protocol):
     def partition_advanced(self, tp: TopicPartition) -> None: ...
 
 
+def _breaks_producer(error: BaseException) -> bool:
+    """After this error the idempotent producer's sequence for the partition may be broken.
+
+    A timeout (aiokafka marks it not retriable) only means the broker did not answer in time:
+    a new producer would not reach it any sooner.
+    """
+    return not getattr(error, "retriable", False) and not isinstance(error, KafkaTimeoutError)
+
+
 def refused(error: BaseException) -> bool:
     """The broker (or the client, before sending) will never accept this record."""
     return isinstance(error, _REFUSED) or not isinstance(error, KafkaError | asyncio.TimeoutError)
@@ -103,10 +113,10 @@ class Replacements:
         if record.topic == self._encoder.output_topic:
             letter = DeadLetter("output_rejected", f"the broker refused the output: {why}")
             replacement = self._encoder.dead_letter(window_id, item.record, letter)
-        elif self._fallback == "stub" and not (_is_stub(record) and not record.value):
+        elif self._fallback == "stub" and not (record.stub and not record.value):
             # A stub keeps the first KB; if even that is refused, one with coordinates only.
             letter = _letter_of(record)
-            keep = 0 if _is_stub(record) else STUB_BYTES
+            keep = 0 if record.stub else STUB_BYTES
             replacement = self._encoder.stub(window_id, item.record, letter, why, keep)
         else:
             raise DeliveryFailed(
@@ -122,10 +132,10 @@ class Replacements:
                 "source": f"{item.record.topic}/{item.record.partition}@{item.record.offset}",
                 "topic": record.topic,
                 "error": why,
-                "now": "stub" if _is_stub(replacement) else "dead letter",
+                "now": "stub" if replacement.stub else "dead letter",
             },
         )
-        self._events.dead_lettered("stub" if _is_stub(replacement) else "output_rejected")
+        self._events.dead_lettered("stub" if replacement.stub else "output_rejected")
         return replacement
 
 
@@ -134,10 +144,6 @@ def _letter_of(record: OutgoingRecord) -> DeadLetter:
     headers = dict(record.headers)
     reason = headers.get("dlq.reason", b"output_rejected").decode("utf-8", "replace")
     return DeadLetter(reason, headers.get("dlq.message", b"").decode("utf-8", "replace"))
-
-
-def _is_stub(record: OutgoingRecord) -> bool:
-    return any(name == "dlq.truncated" for name, _ in record.headers)
 
 
 class _OneAtATime:
@@ -236,7 +242,7 @@ class ProduceStep(_OneAtATime):
                 break
             attempt += 1
             # Any refusal or lost sequence: a fresh producer, so later records go through.
-            recover = any(not getattr(e, "retriable", False) for _, e in failed)
+            recover = any(_breaks_producer(e) for _, e in failed)
             for index, failure in failed:
                 if refused(failure):
                     records[index] = self._replacements.replace(

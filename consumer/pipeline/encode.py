@@ -122,6 +122,7 @@ class Encoder:
                 *self._provenance(window_id, record),
                 ("source.timestamp", _header(record.timestamp)),
             ],
+            stub=True,
         )
 
     def _encode(self, item: Item, outcome: RowOutcome) -> bytes:

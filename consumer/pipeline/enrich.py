@@ -33,11 +33,13 @@ from consumer.window import Window
 log = logging.getLogger("consumer")
 
 
-class SuccessCount(Protocol):
-    """How many LLM requests of this process have succeeded so far (any row, any window)."""
+class ProviderState(Protocol):
+    """How the provider has answered this process so far (any row, any window)."""
 
     @property
     def successes(self) -> int: ...
+
+    def failing(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class EnrichStep:
         self,
         enricher: WindowEnricher,
         retry: RetrySettings,
-        health: SuccessCount,
+        health: ProviderState,
         max_windows: int,
         next_step: Step[EnrichedWindow],
         wakeup: Wakeup,
@@ -77,6 +79,7 @@ class EnrichStep:
         self._in_flight: deque[tuple[Window, asyncio.Task[EnrichedWindow]]] = deque()
         self._holding: dict[str, str] = {}
         self._closed = asyncio.Event()
+        self._abandoned = False
 
     @property
     def held_back_reason(self) -> str | None:
@@ -88,6 +91,8 @@ class EnrichStep:
         return len(self._in_flight)
 
     def submit(self, value: Window) -> None:
+        if self._abandoned:
+            return  # nothing behind an abandoned window can be delivered: the next owner reads it
         if len(self._in_flight) >= self._max_windows:
             raise Rejected
         task = asyncio.create_task(self._enrich(value), name=f"enrich-{value.id}")
@@ -131,7 +136,9 @@ class EnrichStep:
                 return False
             if task.cancelled() or isinstance(task.exception(), _Abandoned):
                 # Everything behind an abandoned window must wait for the next owner too.
-                log.warning("window abandoned", extra={"window_id": window.id})
+                if not self._abandoned:
+                    log.warning("window abandoned", extra={"window_id": window.id})
+                self._abandoned = True
                 return True
             try:
                 self._next.submit(task.result())  # a failed task re-raises here: a bug
@@ -144,16 +151,23 @@ class EnrichStep:
         started = self._clock()
         indexes = [i for i, item in enumerate(window.items) if item.row is not None]
         rows = [row for item in window.items if (row := item.row) is not None]
-        policy = HoldBackPolicy(self._retry.partial_window_retries, self._backoff)
-        successes_before = self._health.successes
+        policy = HoldBackPolicy(
+            self._retry.partial_window_retries, self._backoff, self._retry.row_deadline_s
+        )
+        # Any provider success after this (in this window or another) shows the provider
+        # works while the rows that fail here do not.
+        sent_mark = self._health.successes
         outcomes = await self._enricher.enrich(rows)
         round_outcomes = outcomes
         try:
             while True:
-                others_succeeded = self._health.successes > successes_before + sum(
-                    1 for o in round_outcomes if o.completion is not None
+                hold = policy.next_hold(
+                    outcomes,
+                    round_outcomes,
+                    self._health.successes > sent_mark,
+                    provider_down=self._health.failing() is not None,
+                    failing_for_s=self._clock() - started,
                 )
-                hold = policy.next_hold(outcomes, round_outcomes, others_succeeded)
                 if hold is None:
                     break
                 todo = hold.rows_to_retry(outcomes)
@@ -173,7 +187,6 @@ class EnrichStep:
                     },
                 )
                 await self._sleep_unless_closed(hold.seconds)
-                successes_before = self._health.successes
                 round_outcomes = await self._enricher.enrich([rows[i] for i in todo])
                 for index, outcome in zip(todo, round_outcomes, strict=True):
                     outcomes[index] = outcome

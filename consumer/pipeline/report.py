@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from consumer.enrich.outcome import RowOutcome
@@ -16,6 +17,22 @@ from consumer.window import Window
 log = logging.getLogger("consumer")
 
 
+@dataclass
+class Tally:
+    """What this process finished, across every chain it built (the exit line says it)."""
+
+    consumed: int = 0
+    rows: int = 0
+    dead_letters: int = 0
+
+    def consume(self) -> None:
+        self.consumed += 1
+
+    @property
+    def finished(self) -> int:
+        return self.rows + self.dead_letters
+
+
 class WindowMetrics(Protocol):
     def window_done(self, window: Window, outcomes: list[RowOutcome], seconds: float) -> None: ...
 
@@ -24,11 +41,13 @@ class ReportStep:
     def __init__(
         self,
         metrics: WindowMetrics,
+        tally: Tally,
         dlq_topic: str,
         limit: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
+        self._tally = tally
         self._dlq_topic = dlq_topic
         self._limit = limit
         self._clock = clock
@@ -38,7 +57,10 @@ class ReportStep:
         window = enriched.window
         seconds = self._clock() - enriched.started_at
         outcomes = [o for o in enriched.outcomes if o is not None]
+        dead_letters = sum(1 for r in value.records if r.topic == self._dlq_topic)
         self._metrics.window_done(window, outcomes, seconds)
+        self._tally.dead_letters += dead_letters
+        self._tally.rows += len(window.items) - dead_letters
         log.info(
             "window done",
             extra={
@@ -46,7 +68,7 @@ class ReportStep:
                 "close_reason": str(window.close_reason),
                 "rows": len(outcomes),
                 "row_errors": sum(1 for o in outcomes if o.error is not None),
-                "dead_letters": sum(1 for r in value.records if r.topic == self._dlq_topic),
+                "dead_letters": dead_letters,
                 "seconds": round(seconds, 3),
                 "partitions": offset_ranges(window.items),
                 "limit": round(self._limit(), 1),

@@ -197,6 +197,10 @@ def test_commits_set_the_last_commit_time() -> None:
     assert values["llm_consumer_commit_seconds_count"] == 1
 
 
+# A request that hangs (another server took the port) fails the test fast instead of at 300 s.
+_CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
 class _FakeConsumer:
     def __init__(self) -> None:
         self.assigned: set[Any] = set()
@@ -419,7 +423,10 @@ async def test_the_server_answers_metrics_healthz_and_readyz() -> None:
     await obs.start()
     try:
         assert obs.port == port
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        assert obs.port == port, "another process took the port between picking and binding"
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{port}", timeout=_CLIENT_TIMEOUT
+        ) as http:
             async with http.get("/metrics") as response:
                 assert response.status == 200
                 assert response.headers["Content-Type"].startswith("text/plain")
@@ -444,7 +451,10 @@ async def test_the_broker_probe_turns_readyz_not_ready_while_the_broker_is_down(
     obs = Observability(settings, Metrics(settings), _FakeApp(), consumer, broker=broker)
     await obs.start()
     try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        assert obs.port == port, "another process took the port between picking and binding"
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{port}", timeout=_CLIENT_TIMEOUT
+        ) as http:
             consumer.broken = ConnectionRefusedError("Connect call failed")
             await asyncio.sleep(0.3)
             async with http.get("/readyz") as response:
