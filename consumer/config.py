@@ -6,10 +6,11 @@ is exported from them, and every error names the key that is wrong and what it e
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -24,6 +25,8 @@ from pydantic import (
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# o1, o3-mini, o4-mini-2025-04-16, gpt-5, gpt-5-mini, gpt-5.1, openai/o3 ...
+_REASONING_MODEL = re.compile(r"(?:^|/)(?:o[1-9]|gpt-5)(?:[-.:]|$)", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -84,6 +87,11 @@ class KafkaSettings(_Model):
         ge=1,
         description="Input messages with a key larger than this go to the DLQ (outputs keep the "
         "key).",
+    )
+    connect_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="How long start-up keeps trying to reach the broker before it gives up.",
     )
     consumer_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for AIOKafkaConsumer."
@@ -213,11 +221,13 @@ class RetrySettings(_Model):
         ),
     )
     row_deadline_s: float = Field(
-        default=180.0,
+        default=600.0,
         gt=0.0,
         description=(
-            "A row's attempts in one round stop once this long has passed since its first, "
-            "even if max_attempts is not reached (rows that hang or always fail end)."
+            "A row that has failed for this long since it was first sent ends as "
+            "retries_exhausted, even below max_attempts and partial_window_retries (rows that "
+            "hang or always fail end). Only windows failing as a whole (an outage, a bad key) "
+            "are held for longer."
         ),
     )
     window_backoff_max_s: float = Field(
@@ -302,8 +312,29 @@ class LLMSettings(_Model):
     )
     json_schema_name: str = "response"
     json_schema_strict: bool = True
-    temperature: float | None = Field(default=0.0, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=256, ge=1)
+    temperature: float | None = Field(
+        default=0.0,
+        ge=0.0,
+        le=2.0,
+        description=(
+            "null: not sent. Left unset, it is not sent to reasoning models (OpenAI o-series and "
+            "gpt-5 names), which reject any but their default."
+        ),
+    )
+    max_tokens: int | None = Field(
+        default=256, ge=1, description="The answer's token budget, sent as token_parameter."
+    )
+    token_parameter: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
+        default="auto",
+        description=(
+            "The request field max_tokens is sent as. auto: max_completion_tokens for reasoning "
+            "models (OpenAI o-series and gpt-5 names, which reject max_tokens), max_tokens "
+            "otherwise (what vLLM, llama.cpp, Ollama and older models read)."
+        ),
+    )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        default=None, description="Sent as reasoning_effort when set (reasoning models only)."
+    )
     request_timeout_s: float = Field(default=60.0, gt=0.0)
     concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
@@ -350,6 +381,24 @@ class LLMSettings(_Model):
         """The name recorded in outputs: the model, or the Azure deployment."""
         return self.model or self.deployment or ""
 
+    @property
+    def is_reasoning_model(self) -> bool:
+        """An OpenAI reasoning model by its name (with or without an OpenRouter prefix)."""
+        return _REASONING_MODEL.search(self.model_name) is not None
+
+    @property
+    def token_parameter_name(self) -> str:
+        if self.token_parameter != "auto":
+            return self.token_parameter
+        return "max_completion_tokens" if self.is_reasoning_model else "max_tokens"
+
+    @property
+    def sends_temperature(self) -> bool:
+        """Sent when set; the default is left out for reasoning models, which reject it."""
+        if self.temperature is None:
+            return False
+        return "temperature" in self.model_fields_set or not self.is_reasoning_model
+
 
 class DeliverySettings(_Model):
     """Delivery guarantees and shutdown behaviour."""
@@ -391,10 +440,16 @@ class ObservabilitySettings(_Model):
     """The HTTP endpoints for operators: /metrics (Prometheus), /healthz and /readyz."""
 
     host: str = Field(
-        default="0.0.0.0", description="Address the metrics and health server listens on."
+        default="0.0.0.0",
+        description="Address the metrics and health server listens on; the environment "
+        "variable LLM_CONSUMER_METRICS_HOST overrides it.",
     )
     port: int = Field(
-        default=9464, ge=0, le=65535, description="0 turns the metrics and health server off."
+        default=9464,
+        ge=0,
+        le=65535,
+        description="0 turns the metrics and health server off; the environment variable "
+        "LLM_CONSUMER_METRICS_PORT overrides it.",
     )
     stale_after_s: float = Field(
         default=60.0,
@@ -419,6 +474,32 @@ class ObservabilitySettings(_Model):
     )
 
 
+class StateSettings(_Model):
+    """State kept in compacted topics (cache, spend, batch jobs), read into local files."""
+
+    directory: Path = Field(
+        default=Path(".llm-consumer-state"),
+        description="Where each state table keeps its local SQLite file (one per topic). On a "
+        "volume that outlives the container, a restart reads only what is new in the topics; "
+        "otherwise it reads them whole. One process per directory (a lock file says so).",
+    )
+    partitions: int = Field(
+        default=3,
+        ge=1,
+        le=1_000,
+        description="Partitions of a state topic when this process creates it. Every replica "
+        "reads every partition, so more do not spread the reading; they spread the topic's "
+        "leaders and log cleaning over brokers. Do not add partitions later: a key's partition "
+        "comes from its hash, so its old and new values would sit in different partitions.",
+    )
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replicas of a state topic when this process creates it; null: the "
+        "broker's default.replication.factor.",
+    )
+
+
 class Settings(_Model):
     """The whole configuration of one consumer process."""
 
@@ -428,17 +509,25 @@ class Settings(_Model):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    state: StateSettings = Field(default_factory=StateSettings)
 
 
-def interpolate_env(value: Any, environ: dict[str, str], path: str = "") -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+def interpolate_env(
+    value: Any, environ: dict[str, str], path: str = "", *, source: str | None = None
+) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree.
+
+    `source` (the settings file) leads the error, so a person knows which file to open.
+    """
     if isinstance(value, dict):
         return {
-            k: interpolate_env(v, environ, f"{path}.{k}" if path else str(k))
+            k: interpolate_env(v, environ, f"{path}.{k}" if path else str(k), source=source)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [interpolate_env(v, environ, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [
+            interpolate_env(v, environ, f"{path}[{i}]", source=source) for i, v in enumerate(value)
+        ]
     if not isinstance(value, str):
         return value
 
@@ -448,15 +537,51 @@ def interpolate_env(value: Any, environ: dict[str, str], path: str = "") -> Any:
             return environ[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path}: environment variable {name} is not set (used as ${{{name}}})")
+        where = f"{source}: {path}" if source else path
+        raise ConfigError(
+            f"{where}: environment variable {name} is not set (used as ${{{name}}}); "
+            f"export it, or give a default in the file: ${{{name}:-value}}"
+        )
 
     return _ENV_PATTERN.sub(substitute, value)
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str] | None:
+    """The keys the settings allow at `loc` (a path of section names), None below the models."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        nested = [
+            kind
+            for kind in (field.annotation, *get_args(field.annotation))
+            if isinstance(kind, type) and issubclass(kind, BaseModel)
+        ]
+        if not nested:
+            return None
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """'unknown key', with the close key a typo most likely meant, or the keys allowed."""
+    keys = _keys_at(loc[:-1])
+    if not keys:
+        return "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean `{close[0]}`?"
+    return f"unknown key; the keys here are {', '.join(keys)}"
 
 
 def _format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"{source}: {error.error_count()} problem(s) in the settings:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: {_unknown_key(item['loc'])}")
+            continue
         message = item["msg"].removeprefix("Value error, ")
         got = item.get("input")
         shown = "" if isinstance(got, dict) or item["type"] == "missing" else f" (got {got!r})"
@@ -487,7 +612,7 @@ def _interpolated_mapping(data: Any, source: str, environ: dict[str, str] | None
             f"{source}: expected a mapping at the top level, got {type(data).__name__}"
         )
     resolved: dict[str, Any] = interpolate_env(
-        data, dict(os.environ) if environ is None else environ
+        data, dict(os.environ) if environ is None else environ, source=source
     )
     return resolved
 
@@ -503,7 +628,9 @@ def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings
     """Read, interpolate and validate a settings file.
 
     Interpolation comes before relative paths are resolved, so `${DIR}/prompt.j2` with an
-    absolute DIR stays absolute.
+    absolute DIR stays absolute. LLM_CONSUMER_METRICS_HOST and LLM_CONSUMER_METRICS_PORT
+    override `observability.host` and `.port`, so a second instance (a demo beside a real one,
+    two members on one host) can move its port without a second settings file.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -515,6 +642,23 @@ def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     data = _interpolated_mapping(raw, str(path), environ)
     _resolve_relative(data, path.parent)
+    env = os.environ if environ is None else environ
+    for variable, key in (
+        ("LLM_CONSUMER_METRICS_HOST", "host"),
+        ("LLM_CONSUMER_METRICS_PORT", "port"),
+    ):
+        if variable not in env:
+            continue
+        value = env[variable]
+        if key == "port" and not (value.isdigit() and int(value) <= 65535):
+            raise ConfigError(
+                f"{variable}: expected a port number 0-65535 (0 turns the metrics server off), "
+                f"got {value!r}"
+            )
+        if data.get("observability") is None:
+            data["observability"] = {}
+        if isinstance(data["observability"], dict):
+            data["observability"][key] = value
     return _validate(data, str(path))
 
 

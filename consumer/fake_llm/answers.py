@@ -109,3 +109,44 @@ def prompt_tokens(messages: list[Any]) -> int:
 
 def completion_tokens(content: str) -> int:
     return max(1, math.ceil(len(content) / 4))
+
+
+# Requested name -> the dated snapshot a real server answers with; other names come back as given.
+SNAPSHOTS = {
+    "gpt-4o": "gpt-4o-2024-08-06",
+    "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
+    "gpt-4.1": "gpt-4.1-2025-04-14",
+    "gpt-4.1-mini": "gpt-4.1-mini-2025-04-14",
+    "o1": "o1-2024-12-17",
+    "o3": "o3-2025-04-16",
+    "o3-mini": "o3-mini-2025-01-31",
+    "o4-mini": "o4-mini-2025-04-16",
+    "gpt-5": "gpt-5-2025-08-07",
+    "gpt-5-mini": "gpt-5-mini-2025-08-07",
+}
+_REASONING_MODEL = re.compile(r"(?:^|/)(?:o[1-9]|gpt-5)(?:[-.:]|$)", re.IGNORECASE)
+
+
+def answered_model(requested: str) -> str:
+    prefix, _, name = requested.rpartition("/")
+    snapshot = SNAPSHOTS.get(name)
+    if snapshot is None:
+        return requested
+    return f"{prefix}/{snapshot}" if prefix else snapshot
+
+
+def is_reasoning_model(name: str) -> bool:
+    """OpenAI's o-series and gpt-5 names: they take max_completion_tokens and temperature 1."""
+    return _REASONING_MODEL.search(name) is not None
+
+
+def go_duration(seconds: float) -> str:
+    """OpenAI's x-ratelimit-reset-* spelling: 2ms, 1.5s, 6m0s, 1h2m3s."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole_minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(whole_minutes), 60)
+    text = f"{round(rest, 3):g}s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text

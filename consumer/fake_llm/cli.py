@@ -45,6 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rate-429", type=float, default=defaults.rate_429)
     add("--rate-500", type=float, default=defaults.rate_500)
     add("--rate-503", type=float, default=defaults.rate_503)
+    add(
+        "--dialect",
+        choices=("auto", "openai", "azure", "openrouter", "litellm"),
+        default=defaults.dialect,
+        help="whose error shapes to speak; auto: by route",
+    )
+    add(
+        "--models",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        help='"a,b": only these model names answer, others get model-not-found',
+    )
+    add("--quota-exhausted", action="store_true", help="answer every request insufficient_quota")
 
 
 def config_from_args(args: argparse.Namespace) -> FakeLLMConfig:

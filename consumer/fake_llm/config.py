@@ -66,6 +66,14 @@ class FakeLLMConfig(BaseModel):
     rate_429: float = Field(default=0.0, ge=0, le=1)
     rate_500: float = Field(default=0.0, ge=0, le=1)
     rate_503: float = Field(default=0.0, ge=0, le=1)
+    # Whose error shapes to speak: "auto" picks by route (/openai/... Azure, /api/v1/...
+    # OpenRouter, others OpenAI); "litellm" is only reachable this way.
+    dialect: Literal["auto", "openai", "azure", "openrouter", "litellm"] = "auto"
+    # When set, only these model (or deployment) names answer; others get the dialect's
+    # model-not-found error, as a misspelt name would.
+    models: list[str] | None = None
+    # Billing exhausted: every request gets the dialect's insufficient-quota error.
+    quota_exhausted: bool = False
 
     @field_validator("capacity_schedule", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -23,6 +23,8 @@ from consumer.fake_llm.config import STARTUP_ONLY, FakeLLMConfig, Outage
 
 QUOTA_WINDOW_S = 60.0
 HANG_S = 3600.0
+# Errors a real provider sends without a wait hint: waiting cannot fix them.
+_NO_HINT_DIRECTIVES = frozenset({"insufficient_quota", "request_too_large"})
 CHAT_PATHS = (
     "/v1/chat/completions",
     "/api/v1/chat/completions",
@@ -35,10 +37,20 @@ CHAT_PATHS = (
 class Stats:
     """Counters served by `/admin/stats`."""
 
-    __slots__ = ("by_status", "cancelled", "max_in_flight", "rejected_429", "requests", "tokens")
+    __slots__ = (
+        "by_status",
+        "cancelled",
+        "last_request",
+        "max_in_flight",
+        "rejected_429",
+        "requests",
+        "tokens",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
+        # The body of the last chat request, for tests that check what the client sent.
+        self.last_request: Any = None
         self.by_status: dict[int, int] = {}
         self.max_in_flight = 0
         self.rejected_429 = 0
@@ -60,6 +72,7 @@ class FakeLLM:
         self._rng = random.Random(config.seed)
         self._schedule_origin = clock()
         self._ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
         self.stats = Stats()
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -72,9 +85,10 @@ class FakeLLM:
 
     # -- chat ---------------------------------------------------------------------------------
 
-    async def chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
         config = self.config
+        dialect = faults.dialect_of(request.path, config.dialect)
         if config.api_key is not None and not self._authorized(request, config.api_key):
             return self._reply(401, faults.INVALID_API_KEY)
         deployment = request.match_info.get("deployment")
@@ -84,6 +98,7 @@ class FakeLLM:
             payload = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return self._invalid("We could not parse the JSON body of your request.")
+        self.stats.last_request = payload
         messages = payload.get("messages") if isinstance(payload, dict) else None
         if not isinstance(messages, list) or not messages:
             return self._invalid("'messages' must be a non-empty array.", "messages")
@@ -94,8 +109,12 @@ class FakeLLM:
             status, until, retry_after = self._outage
             if now < until:
                 hint = config.retry_after_s if retry_after is None else retry_after
-                return self._reply(status, faults.server_error(status), faults.retry_headers(hint))
+                body = faults.server_error(status, dialect, model)
+                return self._reply(status, body, faults.retry_headers(hint))
             self._outage = None
+        refusal = self._configuration_error(payload, model, dialect)
+        if refusal is not None:
+            return refusal
 
         text = answers.last_user_text(messages)
         directive = faults.find_directive(text) if "[[fake:" in text else None
@@ -106,29 +125,35 @@ class FakeLLM:
                 directive = None
         prompt_tokens = answers.prompt_tokens(messages)
         if directive is not None and directive.name in faults.HTTP_ERRORS:
-            status, body = faults.directive_error(directive.name, model, prompt_tokens)
-            return self._reply(status, body, self._retry_for(status))
+            status, body = faults.directive_error(directive.name, model, prompt_tokens, dialect)
+            hinted = status in (429, 503) and directive.name not in _NO_HINT_DIRECTIVES
+            return self._reply(status, body, self._retry_for(status) if hinted else None)
         if config.rate_429 or config.rate_500 or config.rate_503:
             status = self._random_failure(config)
             if status:
-                return self._reply(status, faults.server_error(status), self._retry_for(status))
+                body = faults.server_error(status, dialect, model)
+                return self._reply(status, body, self._retry_for(status))
 
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             max_tokens = None
         quota_headers: dict[str, str] = {}
         if config.rpm or config.tpm:
-            rejection = self._charge_quota(config, now, prompt_tokens + (max_tokens or 0))
+            rejection = self._charge_quota(
+                config, now, prompt_tokens + (max_tokens or 0), dialect, model
+            )
             if rejection is not None:
                 return rejection
-            quota_headers = self._quota_remaining(config)
+            quota_headers = self._quota_remaining(config, now)
 
         capacity = self._capacity(now)
         if capacity and (self.in_flight >= capacity or self._waiters):
             self._drain(capacity)
             if self.in_flight >= capacity or self._waiters:
                 if config.overload == "reject":
-                    return self._reply(429, faults.RATE_LIMITED, self._retry_for(429))
+                    hint = config.retry_after_s
+                    body = faults.rate_limited(dialect, model, wait=hint)
+                    return self._reply(429, body, self._retry_for(429))
                 await self._wait_for_slot()
             else:
                 self.in_flight += 1
@@ -152,11 +177,10 @@ class FakeLLM:
                 return self._reply(200, faults.ERROR_IN_200)
             json_mode = _wants_json(payload.get("response_format"))
             content = answers.answer(text, config.answer, json_mode)
-            return self._reply(
-                200,
-                self._completion(model, content, fault, max_tokens, prompt_tokens),
-                quota_headers,
-            )
+            completion = self._completion(model, content, fault, max_tokens, prompt_tokens)
+            if payload.get("stream") is True:
+                return await self._stream(request, completion, payload, quota_headers)
+            return self._reply(200, completion, quota_headers)
         except asyncio.CancelledError:
             self.stats.cancelled += 1
             raise
@@ -173,8 +197,16 @@ class FakeLLM:
     ) -> faults.Body:
         finish_reason = "stop"
         message_content: str | None = content
+        reasoning_tokens = None
+        if answers.is_reasoning_model(model):
+            reasoning_tokens = min(64, max_tokens or 64)
         if fault == "empty":
             message_content = ""
+        elif fault == "empty_length":
+            # A reasoning model that thought until the budget ran out: no text, all paid.
+            message_content = ""
+            finish_reason = "length"
+            reasoning_tokens = max_tokens or 256
         elif fault == "length":
             message_content = content[: max(1, len(content) // 2)]
             finish_reason = "length"
@@ -190,13 +222,20 @@ class FakeLLM:
             message_content = message_content[: max_tokens * 4]
             finish_reason = "length"
         completion_tokens = answers.completion_tokens(message_content or "")
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens}
+        if reasoning_tokens is not None:
+            visible = answers.completion_tokens(message_content) if message_content else 0
+            completion_tokens = visible + reasoning_tokens
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
         total = prompt_tokens + completion_tokens
+        usage["completion_tokens"] = completion_tokens
+        usage["total_tokens"] = total
         self.stats.tokens += total
         return {
             "id": f"chatcmpl-fake{next(self._ids):010d}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": model,
+            "model": answers.answered_model(model),
             "choices": [
                 {
                     "index": 0,
@@ -206,11 +245,74 @@ class FakeLLM:
                 }
             ],
             "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": total,
+                key: usage[key]
+                for key in (
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "total_tokens",
+                    "completion_tokens_details",
+                )
+                if key in usage
             },
         }
+
+    async def _stream(
+        self,
+        request: web.Request,
+        completion: faults.Body,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """The completion as server-sent events: a role chunk, content chunks, the finish
+        chunk, a usage chunk when `stream_options.include_usage`, then `data: [DONE]`."""
+        self.stats.count(200)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "x-request-id": self._request_id(),
+                **headers,
+            }
+        )
+        await response.prepare(request)
+        choice = completion["choices"][0]
+        base = {key: completion[key] for key in ("id", "created", "model")}
+        base["object"] = "chat.completion.chunk"
+        content = choice["message"]["content"] or ""
+        pieces = [content[i : i + 4] for i in range(0, len(content), 4)]
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        deltas += [{"content": piece} for piece in pieces]
+        for delta in deltas:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        final = {"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}
+        await response.write(b"data: " + orjson.dumps({**base, "choices": [final]}) + b"\n\n")
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage_chunk = {**base, "choices": [], "usage": completion["usage"]}
+            await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _configuration_error(
+        self, payload: dict[str, Any], model: str, dialect: faults.Dialect
+    ) -> web.Response | None:
+        """What every request of a misconfigured client gets: billing, an unknown model, or
+        a parameter a reasoning model rejects."""
+        if self.config.quota_exhausted:
+            status, body = faults.insufficient_quota(dialect)
+            return self._reply(status, body)
+        if self.config.models is not None and model not in self.config.models:
+            status, body = faults.model_not_found(dialect, model)
+            return self._reply(status, body)
+        if dialect in ("openai", "azure") and answers.is_reasoning_model(model):
+            if "max_tokens" in payload:
+                return self._reply(400, faults.unsupported_parameter("max_tokens"))
+            temperature = payload.get("temperature", 1)
+            if temperature != 1:
+                return self._reply(400, faults.unsupported_parameter("temperature", temperature))
+        return None
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -251,8 +353,11 @@ class FakeLLM:
             elapsed -= seconds
         return schedule[-1][0]
 
-    def _charge_quota(self, config: FakeLLMConfig, now: float, cost: int) -> web.Response | None:
-        """Admit and charge `cost` tokens, or answer Azure's 429 with the wait until it fits."""
+    def _charge_quota(
+        self, config: FakeLLMConfig, now: float, cost: int, dialect: faults.Dialect, model: str
+    ) -> web.Response | None:
+        """Admit and charge `cost` tokens, or answer the dialect's 429 with the wait until it
+        fits (with Retry-After, and Azure's x-ms-retry-after-ms)."""
         window = self._quota
         while window and window[0][0] <= now - QUOTA_WINDOW_S:
             self._quota_tokens -= window.popleft()[1]
@@ -275,18 +380,38 @@ class FakeLLM:
                 wait, kind = token_wait, "token"
         if wait > 0:
             headers = faults.retry_headers(wait)
-            headers["x-ms-retry-after-ms"] = headers["retry-after-ms"]
-            return self._reply(429, faults.azure_quota_exceeded(kind, wait), headers)
+            if dialect == "azure":
+                headers["x-ms-retry-after-ms"] = headers["retry-after-ms"]
+            headers.update(self._quota_remaining(config, now))
+            limit: Literal["requests", "tokens"]
+            if kind == "call":
+                limit, used = "requests", f"Limit {config.rpm}, Used {len(window)}, Requested 1"
+            else:
+                limit, used = (
+                    "tokens",
+                    f"Limit {config.tpm}, Used {self._quota_tokens}, Requested {cost}",
+                )
+            body = faults.rate_limited(dialect, model, limit, wait, used)
+            return self._reply(429, body, headers)
         window.append((now, cost))
         self._quota_tokens += cost
         return None
 
-    def _quota_remaining(self, config: FakeLLMConfig) -> dict[str, str]:
+    def _quota_remaining(self, config: FakeLLMConfig, now: float) -> dict[str, str]:
+        """OpenAI's x-ratelimit-limit/remaining/reset-* headers; reset is when the window is
+        whole again (its newest admission leaves it)."""
         headers = {}
+        reset = (
+            answers.go_duration(self._quota[-1][0] + QUOTA_WINDOW_S - now) if self._quota else "0s"
+        )
         if config.rpm:
-            headers["x-ratelimit-remaining-requests"] = str(config.rpm - len(self._quota))
+            headers["x-ratelimit-limit-requests"] = str(config.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, config.rpm - len(self._quota)))
+            headers["x-ratelimit-reset-requests"] = reset
         if config.tpm:
-            headers["x-ratelimit-remaining-tokens"] = str(config.tpm - self._quota_tokens)
+            headers["x-ratelimit-limit-tokens"] = str(config.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, config.tpm - self._quota_tokens))
+            headers["x-ratelimit-reset-tokens"] = reset
         return headers
 
     async def _wait_for_slot(self) -> None:
@@ -320,8 +445,14 @@ class FakeLLM:
     ) -> web.Response:
         self.stats.count(status)
         return web.Response(
-            status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+            status=status,
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers={"x-request-id": self._request_id(), **(headers or {})},
         )
+
+    def _request_id(self) -> str:
+        return f"req_fake{next(self._request_ids):012d}"
 
     def _invalid(self, message: str, param: str | None = None) -> web.Response:
         return self._reply(400, faults.openai_error(message, "invalid_request_error", None, param))
@@ -344,6 +475,7 @@ class FakeLLM:
                 "cancelled": stats.cancelled,
                 "tokens": stats.tokens,
                 "capacity": self._capacity(self._clock()),
+                "last_request": stats.last_request,
             }
         )
 
@@ -414,6 +546,13 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+async def _models(request: web.Request) -> web.Response:
+    """`GET /v1/models`: OpenAI clients and UIs probe it before their first call. Any model name
+    is answered, so the list names only the one reported when a request names none."""
+    model = {"id": "fake-llm", "object": "model", "created": 0, "owned_by": "llm-consumer"}
+    return _json({"object": "list", "data": [model]})
+
+
 FAKE_LLM_KEY = web.AppKey("fake_llm", FakeLLM)
 
 
@@ -426,6 +565,8 @@ def create_app(
     app[FAKE_LLM_KEY] = fake
     for path in CHAT_PATHS:
         app.router.add_post(path, fake.chat)
+    for path in ("/v1/models", "/api/v1/models", "/models", "/openai/v1/models"):
+        app.router.add_get(path, _models)
     app.router.add_get("/health", fake.health)
     app.router.add_get("/admin/stats", fake.get_stats)
     app.router.add_post("/admin/reset", fake.reset)

@@ -82,16 +82,26 @@ class AiohttpPost:
 
 @dataclass(frozen=True)
 class Usage:
+    """Tokens of one answer; reasoning and cached tokens only where the provider reports them,
+    so outputs of providers that do not keep their shape."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
 
     def as_dict(self) -> dict[str, int]:
-        return {
+        out = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.reasoning_tokens is not None:
+            out["reasoning_tokens"] = self.reasoning_tokens
+        if self.cached_tokens is not None:
+            out["cached_tokens"] = self.cached_tokens
+        return out
 
 
 @dataclass(frozen=True)
@@ -137,13 +147,25 @@ def request_headers(settings: LLMSettings, azure_ad_token: str | None = None) ->
     return headers
 
 
+def _detail(raw: dict[str, Any], section: str, key: str) -> int | None:
+    details = raw.get(section)
+    value = details.get(key) if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _usage(body: dict[str, Any]) -> Usage:
     found = body.get("usage")
     raw: dict[str, Any] = found if isinstance(found, dict) else {}
     prompt = int(raw.get("prompt_tokens") or 0)
     completion = int(raw.get("completion_tokens") or 0)
     total = int(raw.get("total_tokens") or prompt + completion)
-    return Usage(prompt, completion, total)
+    return Usage(
+        prompt,
+        completion,
+        total,
+        _detail(raw, "completion_tokens_details", "reasoning_tokens"),
+        _detail(raw, "prompt_tokens_details", "cached_tokens"),
+    )
 
 
 def _parse_json_answer(content: str, settings: LLMSettings, finish_reason: Any) -> Any:
@@ -205,6 +227,16 @@ def parse_completion(body: Any, settings: LLMSettings) -> Completion:
         refusal = message.get("refusal")
         if isinstance(refusal, str) and refusal:
             raise LLMFailure(FailureKind.ROW, "refused", refusal, 200)
+        if finish_reason == "length":
+            # A reasoning model spent the whole budget thinking (vLLM puts the thoughts in
+            # `reasoning_content`): asking again costs as much and ends the same way.
+            raise LLMFailure(
+                FailureKind.ROW,
+                "empty_answer",
+                "the answer is empty: max_tokens was used up before any text (raise it, or "
+                "lower reasoning_effort)",
+                200,
+            )
         raise LLMFailure(FailureKind.TRANSIENT, "empty_response", "the answer has no content", 200)
     value: Any = content
     if settings.response_format != "text":
@@ -212,6 +244,58 @@ def parse_completion(body: Any, settings: LLMSettings) -> Completion:
     answered_by = body.get("model")
     model = answered_by if isinstance(answered_by, str) else settings.model_name
     return Completion(value, model, _usage(body), finish_reason)
+
+
+def _is_event_stream(headers: Mapping[str, str]) -> bool:
+    return "text/event-stream" in (headers.get("content-type") or "")
+
+
+def assemble_stream(content: bytes) -> dict[str, Any] | None:
+    """The answer of an SSE stream (`stream: true` in extra_body) as one chat.completion body.
+
+    Deltas are joined, the last finish_reason, model and usage win, and an error chunk
+    (OpenRouter's mid-stream error) becomes the body's error; comments such as OpenRouter's
+    `: OPENROUTER PROCESSING` are skipped. None when no chunk could be read.
+    """
+    text: list[str] = []
+    reasoning: list[str] = []
+    body: dict[str, Any] = {}
+    choice: dict[str, Any] = {}
+    for line in content.decode("utf-8", "replace").splitlines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        for key in ("id", "model", "usage", "error"):
+            if chunk.get(key):
+                body[key] = chunk[key]
+        choices = chunk.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(first, dict):
+            continue
+        delta = first.get("delta")
+        if isinstance(delta, dict):
+            if isinstance(delta.get("content"), str):
+                text.append(delta["content"])
+            if isinstance(delta.get("reasoning_content"), str):
+                reasoning.append(delta["reasoning_content"])
+        for key in ("finish_reason", "native_finish_reason", "error"):
+            if first.get(key):
+                choice[key] = first[key]
+    if not body and not choice and not text:
+        return None
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    body["choices"] = [{"index": 0, "message": message, **choice}]
+    return body
 
 
 class AzureTokenSource:
@@ -314,10 +398,12 @@ class ChatClient:
         body: dict[str, Any] = {"messages": messages}
         if not (settings.provider == "azure" and settings.azure_api_style == "deployments"):
             body["model"] = settings.model or settings.deployment
-        if settings.temperature is not None:
+        if settings.sends_temperature:
             body["temperature"] = settings.temperature
         if settings.max_tokens is not None:
-            body["max_tokens"] = settings.max_tokens
+            body[settings.token_parameter_name] = settings.max_tokens
+        if settings.reasoning_effort is not None:
+            body["reasoning_effort"] = settings.reasoning_effort
         if settings.response_format == "json_object":
             body["response_format"] = {"type": "json_object"}
         elif settings.response_format == "json_schema":
@@ -375,8 +461,15 @@ class ChatClient:
         except orjson.JSONDecodeError:
             body = None
         if response.status >= 400:
-            hint = retry_after_seconds(response.headers, body)
+            if body is None and response.content.strip():
+                # a gateway's plain-text answer (API Management: "Rate limit is exceeded. Try
+                # again in 60 seconds."): its text is the message, and may hold the wait
+                text = response.content.decode("utf-8", "replace").strip()
+                body = {"message": text[:1000]}
+            hint = retry_after_seconds(response.headers, body, status=response.status)
             raise classify_status(response.status, body, hint)
+        if body is None and _is_event_stream(response.headers):
+            body = assemble_stream(response.content)
         if body is None:
             raise LLMFailure(
                 FailureKind.TRANSIENT,

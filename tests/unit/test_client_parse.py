@@ -386,3 +386,88 @@ def test_token_settings_are_azure_only_and_exclusive() -> None:
         settings(azure_ad_token="t")
     with pytest.raises(ValueError):
         azure(azure_ad_token="t")  # api_key is set too
+
+
+def _body(**overrides: Any) -> dict[str, Any]:
+    llm = settings(provider="openai", **overrides)
+    return ChatClient(llm, post=stub_post(lambda _: httpx.Response(500))).request_body(MESSAGES)
+
+
+@pytest.mark.parametrize("model", ["o3-mini", "o1", "gpt-5", "gpt-5.1", "openai/o4-mini"])
+def test_reasoning_models_get_max_completion_tokens_and_no_default_temperature(
+    model: str,
+) -> None:
+    body = _body(model=model)
+    assert body["max_completion_tokens"] == 256
+    assert "max_tokens" not in body
+    assert "temperature" not in body
+
+
+def test_other_models_keep_max_tokens_and_temperature() -> None:
+    body = _body(model="gpt-4o-mini")
+    assert (body["max_tokens"], body["temperature"]) == (256, 0.0)
+    assert "max_completion_tokens" not in body
+
+
+def test_token_parameter_and_temperature_can_be_set_explicitly() -> None:
+    body = _body(model="o3-mini", token_parameter="max_tokens", temperature=1.0)
+    assert (body["max_tokens"], body["temperature"]) == (256, 1.0)
+    body = _body(model="llama3", token_parameter="max_completion_tokens", temperature=None)
+    assert body["max_completion_tokens"] == 256
+    assert "temperature" not in body
+
+
+def test_reasoning_effort_is_passed_through() -> None:
+    assert _body(model="o3-mini", reasoning_effort="low")["reasoning_effort"] == "low"
+    assert "reasoning_effort" not in _body(model="o3-mini")
+
+
+def test_reasoning_and_cached_tokens_are_reported_only_when_present() -> None:
+    body = answer()
+    body["usage"]["completion_tokens_details"] = {"reasoning_tokens": 3}
+    body["usage"]["prompt_tokens_details"] = {"cached_tokens": 8}
+    assert parse_completion(body, settings()).usage.as_dict() == {
+        "prompt_tokens": 12,
+        "completion_tokens": 5,
+        "total_tokens": 17,
+        "reasoning_tokens": 3,
+        "cached_tokens": 8,
+    }
+    assert set(parse_completion(answer(), settings()).usage.as_dict()) == {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    }
+
+
+@pytest.mark.parametrize("content", ["", None])
+def test_an_empty_answer_cut_by_length_is_a_row_error_never_retried(content: Any) -> None:
+    body = answer(content=content, finish_reason="length")
+    body["choices"][0]["message"]["reasoning_content"] = "Let me think"
+    failure = failure_of(body)
+    assert (failure.kind, failure.reason) == (FailureKind.ROW, "empty_answer")
+
+
+async def test_a_streamed_answer_is_assembled() -> None:
+    events = [
+        ": OPENROUTER PROCESSING",
+        'data: {"id":"g","model":"m-1","choices":[{"index":0,"delta":{"content":"POSI"}}]}',
+        'data: {"id":"g","model":"m-1","choices":[{"index":0,"delta":{"content":"TIVE"},'
+        '"finish_reason":"stop"}]}',
+        'data: {"id":"g","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
+        '"total_tokens":5}}',
+        "data: [DONE]",
+    ]
+    reply = httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=("\n\n".join(events) + "\n\n").encode(),
+    )
+    client = ChatClient(settings(), post=stub_post(lambda _: reply))
+    completion = await client.complete(MESSAGES)
+    assert (completion.content, completion.model, completion.finish_reason) == (
+        "POSITIVE",
+        "m-1",
+        "stop",
+    )
+    assert completion.usage.total_tokens == 5

@@ -14,7 +14,9 @@ from consumer.llm.errors import (
     classify_body_error,
     classify_status,
     error_details,
+    parse_duration,
     retry_after_seconds,
+    wait_in_text,
 )
 
 B = FailureKind.BACKPRESSURE
@@ -230,3 +232,107 @@ def test_row_error_as_dict() -> None:
 def test_azure_spells_the_wait_out_in_the_message() -> None:
     body = {"error": {"code": "429", "message": "... Please retry after 6 seconds. Please go"}}
     assert retry_after_seconds({}, body) == 6.0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("2ms", 0.002),
+        ("12ms", 0.012),
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("1h2m3.5s", 3723.5),
+        ("0.5s", 0.5),
+        ("6", 6.0),
+        ("0", 0.0),
+        ("soon", None),
+        ("1x", None),
+    ],
+)
+def test_parse_duration_reads_go_durations_and_seconds(text: str, seconds: float | None) -> None:
+    # OpenAI's x-ratelimit-reset-* (thoughtbot: 1s, 6m0s; community: 12ms, 9ms), Azure's seconds
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("message", "seconds"),
+    [
+        ("... Please try again in 1.574s. Visit https://platform.openai.com", 1.574),
+        ("... Please try again in 644ms.", 0.644),
+        ("... Please try again in 20s. Visit", 20.0),
+        ("Rate limit is exceeded. Try again in 50 seconds.", 50.0),
+        ("... tier. Please retry after 86400 seconds. Please go here", 86400.0),
+        ("No deployments available for selected model, Try again in 60 seconds. Passed", 60.0),
+        ("Out of call volume quota. Quota will be replenished in 03:30:56.", 12656.0),
+        ("Out of call volume quota. Quota will be replenished in 5.03:23:11", 444191.0),
+        ("Rate limit exceeded", None),
+    ],
+)
+def test_wait_in_text(message: str, seconds: float | None) -> None:
+    assert wait_in_text(message) == seconds
+
+
+def test_a_429_takes_the_reset_of_the_exhausted_limit() -> None:
+    headers = httpx.Headers(
+        {
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-remaining-tokens": "1200",
+            "x-ratelimit-reset-requests": "2ms",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+    )
+    assert retry_after_seconds(headers, body(), status=429) == 0.002
+
+
+def test_a_429_of_type_tokens_takes_the_token_reset() -> None:
+    headers = httpx.Headers({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6s"})
+    assert retry_after_seconds(headers, body(type="tokens"), status=429) == 6.0
+
+
+def test_azures_x_rate_limit_reset_tokens_in_seconds() -> None:
+    headers = httpx.Headers({"x-ratelimit-remaining-tokens": "0", "x-rate-limit-reset-tokens": "6"})
+    assert retry_after_seconds(headers, body(), status=429) == 6.0
+
+
+def test_openrouters_reset_is_epoch_milliseconds() -> None:
+    now = 1_700_000_000.0
+    headers = httpx.Headers({"X-RateLimit-Reset": str(int((now + 12) * 1000))})
+    assert retry_after_seconds(headers, body(), now=now, status=429) == pytest.approx(12.0)
+
+
+def test_reset_headers_are_not_a_wait_outside_a_429() -> None:
+    headers = httpx.Headers(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
+    )
+    assert retry_after_seconds(headers, body(), status=500) is None
+
+
+def test_openrouter_metadata_retry_after_seconds() -> None:
+    error_body = {"error": {"code": 429, "message": "busy", "metadata": {"retry_after_seconds": 7}}}
+    assert retry_after_seconds(httpx.Headers(), error_body) == 7.0
+
+
+@pytest.mark.parametrize(
+    ("status", "error_body", "reason"),
+    [
+        (
+            429,
+            {"error": {"code": "insufficient_quota", "type": "insufficient_quota"}},
+            "insufficient_quota",
+        ),
+        (400, {"error": {"code": "unsupported_parameter"}}, "unsupported_parameter"),
+        (400, {"error": {"message": "x is not a valid model ID", "code": 400}}, "model_not_found"),
+        (403, {"error": {"code": "unsupported_country_region_territory"}}, "region_not_supported"),
+    ],
+)
+def test_configuration_errors_are_systemic_and_not_retried(
+    status: int, error_body: dict[str, Any], reason: str
+) -> None:
+    failure = classify_status(status, error_body, 5.0)
+    assert (failure.kind, failure.reason) == (S, reason)
+    assert not failure.kind.retryable
+
+
+def test_a_row_error_carries_no_wait_hint() -> None:
+    # a hint on a row error would only hold back the other rows
+    assert classify_status(400, body("context_length_exceeded"), 5.0).retry_after_s is None

@@ -161,13 +161,10 @@ async def test_capacity_rejects_with_retry_after(make_client: MakeClient) -> Non
         if status == 429:
             assert response.headers["Retry-After"] == "1"
             assert response.headers["retry-after-ms"] == "500"
-            assert body == {
-                "error": {
-                    "message": "Rate limit exceeded",
-                    "type": "rate_limit_exceeded",
-                    "code": 429,
-                }
-            }
+            # OpenAI's shape: a string code, the limit kind as the type, the wait in words
+            assert body["error"]["code"] == "rate_limit_exceeded"
+            assert body["error"]["type"] == "requests"
+            assert "Please try again in 500ms." in body["error"]["message"]
     counters = await stats(client)
     assert counters["max_in_flight"] == 2
     assert counters["rejected_429"] == 4
@@ -254,7 +251,11 @@ async def test_directive_without_count_always_fails(make_client: MakeClient) -> 
         ("content_filter", 400, "content_filter"),
         ("401", 401, "invalid_api_key"),
         ("404", 404, "model_not_found"),
-        ("502", 502, 502),
+        ("502", 502, None),
+        ("insufficient_quota", 429, "insufficient_quota"),
+        ("model_not_found", 404, "model_not_found"),
+        ("unsupported_parameter", 400, "unsupported_parameter"),
+        ("request_too_large", 429, "rate_limit_exceeded"),
     ],
 )
 async def test_error_directive_shapes(
@@ -337,7 +338,7 @@ async def test_outage_then_recovery(make_client: MakeClient) -> None:
     assert (await response.json())["outage"] == {"status": 503, "remaining_s": 20.0}
     status, body, reply = await post(client, chat("good"))
     assert status == 503
-    assert body["error"]["code"] == 503
+    assert body["error"]["code"] is None
     assert reply.headers["Retry-After"] == "2"
     clock.now += 20
     status, _, _ = await post(client, chat("good"))
@@ -349,11 +350,12 @@ async def test_outage_then_recovery(make_client: MakeClient) -> None:
 async def test_rpm_quota(make_client: MakeClient) -> None:
     clock = FakeClock()
     client = await make_client(clock=clock, rpm=2)
-    first = await post(client, chat("good"))
+    azure = "/openai/v1/chat/completions"
+    first = await post(client, chat("good"), azure)
     assert first[2].headers["x-ratelimit-remaining-requests"] == "1"
     clock.now += 10
-    assert (await post(client, chat("good")))[0] == 200
-    status, body, response = await post(client, chat("good"))
+    assert (await post(client, chat("good"), azure))[0] == 200
+    status, body, response = await post(client, chat("good"), azure)
     assert status == 429
     assert body["error"]["code"] == "429"
     assert "Please retry after 50 seconds" in body["error"]["message"]
@@ -371,7 +373,8 @@ async def test_tpm_quota_charges_prompt_plus_max_tokens(make_client: MakeClient)
     assert (await post(client, body))[0] == 200
     status, reply, response = await post(client, body)
     assert status == 429
-    assert "token rate limit" in reply["error"]["message"]
+    assert "on tokens per min (TPM): Limit 100, Used 92, Requested 46." in reply["error"]["message"]
+    assert reply["error"]["type"] == "tokens"
     assert response.headers["Retry-After"] == "60"
     clock.now += 60
     assert (await post(client, body))[0] == 200
@@ -410,3 +413,143 @@ def test_subprocess_helper() -> None:
         llm.reset()
         assert llm.stats()["requests"] == 0
     assert llm.process.returncode == 0
+
+
+async def test_openai_quota_headers_and_429(make_client: MakeClient) -> None:
+    clock = FakeClock()
+    client = await make_client(clock=clock, rpm=2)
+    _, _, first = await post(client, chat("good"))
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-reset-requests"] == "1m0s"
+    clock.now += 10
+    await post(client, chat("good"))
+    status, body, response = await post(client, chat("good"))
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["type"] == "requests"
+    assert "Limit 2, Used 2, Requested 1. Please try again in 50s." in body["error"]["message"]
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert response.headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert "x-ms-retry-after-ms" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "dialect", "status", "code"),
+    [
+        ("/v1/chat/completions", "auto", 404, "model_not_found"),
+        ("/openai/v1/chat/completions", "auto", 404, "DeploymentNotFound"),
+        ("/api/v1/chat/completions", "auto", 400, 400),
+        ("/v1/chat/completions", "litellm", 400, "400"),
+    ],
+)
+async def test_unknown_models_get_each_dialects_not_found(
+    make_client: MakeClient, path: str, dialect: str, status: int, code: Any
+) -> None:
+    client = await make_client(models=["gpt-4o-mini"], dialect=dialect)
+    assert (await post(client, chat("good", model="gpt-4o-mini"), path))[0] == 200
+    got, body, _ = await post(client, chat("good", model="gpt-4o-mni"), path)
+    assert (got, body["error"]["code"]) == (status, code)
+    await client.post("/admin/config", json={"models": None})
+    assert (await post(client, chat("good", model="gpt-4o-mni"), path))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "dialect", "status", "code"),
+    [
+        ("/v1/chat/completions", "auto", 429, "insufficient_quota"),
+        ("/api/v1/chat/completions", "auto", 402, 402),
+    ],
+)
+async def test_quota_exhausted(
+    make_client: MakeClient, path: str, dialect: str, status: int, code: Any
+) -> None:
+    client = await make_client(quota_exhausted=True, dialect=dialect)
+    got, body, response = await post(client, chat("good"), path)
+    assert (got, body["error"]["code"]) == (status, code)
+    assert "Retry-After" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("dialect", "code"), [("openai", None), ("openrouter", 503), ("litellm", "503")]
+)
+async def test_server_error_codes_per_dialect(
+    make_client: MakeClient, dialect: str, code: Any
+) -> None:
+    client = await make_client(dialect=dialect)
+    _, body, _ = await post(client, chat("[[fake:503]]"))
+    assert body["error"]["code"] == code
+
+
+async def test_litellm_throttling_error(make_client: MakeClient) -> None:
+    client = await make_client(dialect="litellm")
+    status, body, _ = await post(client, chat("[[fake:429]]"))
+    assert status == 429
+    assert (body["error"]["type"], body["error"]["code"]) == ("throttling_error", "429")
+
+
+async def test_every_answer_has_a_request_id(make_client: MakeClient) -> None:
+    client = await make_client()
+    ids = set()
+    for text in ("good", "[[fake:500]]", "[[fake:context_length]]"):
+        _, _, response = await post(client, chat(text))
+        ids.add(response.headers["x-request-id"])
+    assert len(ids) == 3
+
+
+@pytest.mark.parametrize(
+    ("requested", "answered"),
+    [
+        ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+        ("openai/gpt-4o", "openai/gpt-4o-2024-08-06"),
+        ("my-model", "my-model"),
+    ],
+)
+async def test_answered_model_is_a_dated_snapshot(
+    make_client: MakeClient, requested: str, answered: str
+) -> None:
+    client = await make_client()
+    _, body, _ = await post(client, chat("good", model=requested))
+    assert body["model"] == answered
+
+
+async def test_reasoning_models_reject_max_tokens_and_temperature(make_client: MakeClient) -> None:
+    client = await make_client()
+    status, body, _ = await post(client, chat("good", model="o3-mini", max_tokens=50))
+    assert (status, body["error"]["code"]) == (400, "unsupported_parameter")
+    status, body, _ = await post(
+        client, chat("good", model="o3-mini", max_completion_tokens=50, temperature=0.0)
+    )
+    assert (status, body["error"]["code"]) == (400, "unsupported_value")
+    status, body, _ = await post(client, chat("good", model="o3-mini", max_completion_tokens=50))
+    assert status == 200
+    assert body["model"] == "o3-mini-2025-01-31"
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 50
+    assert (await stats(client))["last_request"]["max_completion_tokens"] == 50
+
+
+async def test_empty_length_directive(make_client: MakeClient) -> None:
+    client = await make_client()
+    status, body, _ = await post(client, chat("[[fake:empty_length]]", max_tokens=30))
+    assert status == 200
+    choice = body["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("", "length")
+    assert body["usage"]["completion_tokens"] == 30
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 30}
+
+
+async def test_streaming_answer(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post(
+        "/v1/chat/completions",
+        json=chat("great product", stream=True, stream_options={"include_usage": True}),
+    )
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = [line for line in (await response.text()).split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [orjson.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "POSITIVE"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["total_tokens"] > 0
