@@ -1,12 +1,19 @@
-"""The user's side of the topics: publish a file of rows, read the enriched output back."""
+"""The user's side of the topics: publish a file of rows, read the enriched output back.
+
+Both commands talk to a broker a person just named, so a broker that does not answer is the
+common first failure: clients start with bounded retries, the failure becomes one
+`BrokerUnreachable` that says what was tried and what to check, and every client is closed
+however the command ends (no "Unclosed AIOKafkaProducer" at exit).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import csv
+import contextlib
 import shutil
+import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -14,8 +21,35 @@ from typing import Any, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from tqdm import tqdm  # type: ignore[import-untyped]
+
+from consumer.csvrows import CsvTypes, RowFileError, read_csv
+
+# How many conversion errors a refused CSV file lists before "and N more".
+_ERRORS_SHOWN = 5
+_PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Broker:
+    """How to reach the broker, and where the address came from, for the error a person reads.
+
+    `options` are aiokafka connection options (bootstrap_servers, and with a settings file its
+    client id and SASL/SSL options); `source` names the flag, variable or key that set them.
+    """
+
+    options: dict[str, Any]
+    source: str
+    connect_timeout_s: float = 10.0
+
+    @property
+    def bootstrap(self) -> str:
+        return str(self.options["bootstrap_servers"])
+
+
+class BrokerUnreachable(Exception):
+    """No client could start within the connect timeout; the message is one line to act on."""
 
 
 @dataclass(frozen=True)
@@ -24,16 +58,23 @@ class PublishRow:
     value: bytes
 
 
-def read_rows(path: Path, key_field: str | None) -> Iterator[PublishRow]:
+def read_rows(
+    path: Path, key_field: str | None, csv_types: CsvTypes | None = None
+) -> Iterator[PublishRow]:
     """JSONL lines are sent byte for byte (so bad rows can be published on purpose); CSV rows
-    become JSON objects of strings."""
+    become JSON objects with converted values (see `consumer.csvrows`).
+
+    A CSV file with fields that do not convert is refused as a whole, before anything is sent:
+    half a file on the topic is harder to clean up than none.
+    """
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            for record in csv.DictReader(handle):
-                field = record.get(key_field) if key_field else None
-                yield PublishRow(field.encode() if field else None, orjson.dumps(record))
+        yield from _csv_rows(path, key_field, csv_types)
         return
-    with path.open("rb") as handle:
+    try:
+        handle = path.open("rb")
+    except OSError as error:
+        raise RowFileError(f"{path}: cannot read: {error.strerror}") from None
+    with handle:
         for line in handle:
             line = line.rstrip(b"\r\n")
             if not line.strip():
@@ -49,54 +90,158 @@ def read_rows(path: Path, key_field: str | None) -> Iterator[PublishRow]:
             yield PublishRow(key, line)
 
 
-async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> bool:
-    """Create the topic if it does not exist; True when it was created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+def _csv_rows(path: Path, key_field: str | None, csv_types: CsvTypes | None) -> list[PublishRow]:
+    rows: list[PublishRow] = []
+    errors: list[str] = []
+    for record in read_csv(path, csv_types):
+        if record.row is None:
+            errors.append(f"line {record.line}: {record.error}")
+            continue
+        key = record.text.get(key_field) if key_field else None  # the key as written: "007"
+        rows.append(PublishRow(key.encode() if key else None, orjson.dumps(record.row)))
+    if errors:
+        more = len(errors) - _ERRORS_SHOWN
+        shown = "; ".join(errors[:_ERRORS_SHOWN]) + (f"; and {more} more" if more > 0 else "")
+        raise RowFileError(
+            f"{path}: {len(errors)} row(s) do not convert, nothing was published: {shown} "
+            "(--csv-types col=str keeps a column as text, --csv-strings every column)"
         )
-        return True
-    except TopicAlreadyExistsError:
-        return False
+    return rows
+
+
+async def _diagnose(bootstrap: str) -> str:
+    """What a plain TCP connection to each bootstrap address says: aiokafka only reports
+    "Unable to bootstrap", but a refused port, a name that does not resolve and a listener
+    that speaks TLS call for different fixes."""
+    findings: list[str] = []
+    for address in (part.strip() for part in bootstrap.split(",") if part.strip()):
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            findings.append(f"{address!r} is not host:port")
+            continue
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, int(port)), _PROBE_TIMEOUT_S
+            )
+        except socket.gaierror:
+            findings.append(f"{host} does not resolve")
+        except ConnectionRefusedError:
+            findings.append(f"{address} refused the connection (nothing listens there)")
+        except TimeoutError:
+            findings.append(f"{address} did not answer within {_PROBE_TIMEOUT_S:g} s")
+        except OSError as error:
+            findings.append(f"{address}: {error.strerror or error}")
+        else:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            findings.append(
+                f"{address} accepts connections but does not answer as a Kafka broker "
+                "(a TLS or SASL listener? see kafka.security_protocol)"
+            )
+    return "; ".join(findings)
+
+
+async def _close(client: Any) -> None:
+    # Producer and consumer have stop(), the admin client close(); both are safe after a
+    # failed start, and the only way to keep their __del__ from warning.
+    await (client.stop() if hasattr(client, "stop") else client.close())
+
+
+@contextlib.asynccontextmanager
+async def connected(make: Callable[[], Any], broker: Broker) -> AsyncIterator[Any]:
+    """A started client built by `make`, closed on exit.
+
+    A broker that is starting (or a port-forward coming up) refuses connections for a moment,
+    so starting is retried with backoff for `broker.connect_timeout_s`; each attempt uses a
+    fresh client, because aiokafka does not promise that a failed start can be repeated.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + broker.connect_timeout_s
+    delay = 0.2
+    while True:
+        client = make()
+        try:
+            await asyncio.wait_for(client.start(), max(0.1, deadline - loop.time()))
+            break
+        except (KafkaConnectionError, TimeoutError):
+            await _close(client)
+            if loop.time() + delay >= deadline:
+                findings = await _diagnose(broker.bootstrap)
+                raise BrokerUnreachable(
+                    f"cannot reach a Kafka broker at {broker.bootstrap} (from {broker.source}), "
+                    f"tried for {broker.connect_timeout_s:g} s: {findings}. Check that the "
+                    "broker runs and the address is right (-b, KAFKA_BOOTSTRAP_SERVERS, or "
+                    "kafka.bootstrap_servers with -c); --connect-timeout waits longer"
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        except BaseException:
+            await _close(client)
+            raise
+    try:
+        yield client
     finally:
-        await admin.close()
+        await _close(client)
+
+
+async def ensure_topic(broker: Broker, topic: str, partitions: int) -> bool:
+    """Create the topic if it does not exist; True when it was created."""
+    async with connected(lambda: AIOKafkaAdminClient(**broker.options), broker) as admin:
+        try:
+            await admin.create_topics(
+                [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+            )
+        except TopicAlreadyExistsError:
+            return False
+        return True
 
 
 async def publish(
-    bootstrap: str,
+    broker: Broker,
     topic: str,
     path: Path,
     key_field: str | None = None,
     partitions: int | None = None,
     progress: bool = True,
+    csv_types: CsvTypes | None = None,
 ) -> int:
-    """Publish every row of a JSONL or CSV file; returns how many were acknowledged."""
+    """Publish every row of a JSONL or CSV file; returns how many were acknowledged.
+
+    The file is read completely before connecting, so a file that cannot be used publishes
+    nothing.
+    """
+    rows = list(read_rows(path, key_field, csv_types))
     if partitions:
-        await ensure_topic(bootstrap, topic, partitions)
-    rows = list(read_rows(path, key_field))
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=10
-    )
-    await producer.start()
-    try:
+        await ensure_topic(broker, topic, partitions)
+
+    def make() -> AIOKafkaProducer:
+        return AIOKafkaProducer(**broker.options, acks="all", enable_idempotence=True, linger_ms=10)
+
+    async with connected(make, broker) as producer:
         bar = tqdm(total=len(rows), unit="row", disable=not progress, desc=f"-> {topic}")
-        futures = []
-        for row in rows:
-            future = await producer.send(topic, value=row.value, key=row.key)
-            future.add_done_callback(lambda _: bar.update(1))
-            futures.append(future)
-        await asyncio.gather(*futures)
-        bar.close()
-    finally:
-        await producer.stop()
+        try:
+            futures = []
+            for row in rows:
+                future = await producer.send(topic, value=row.value, key=row.key)
+                future.add_done_callback(lambda _: bar.update(1))
+                futures.append(future)
+            await asyncio.gather(*futures)
+        finally:
+            bar.close()
     return len(rows)
 
 
 def _table_line(message: Any, row: Any, response_field: str, width: int) -> str:
     key = (message.key or b"").decode("utf-8", "replace")[:12]
     where = f"{message.partition}:{message.offset}"
+    headers = dict(message.headers or ())
+    room = max(10, width - 8 - 12 - 24 - 6 - 8)
+    if "dlq.reason" in headers:  # a dead letter: why, and the bytes as they came
+        answer = "DLQ " + headers["dlq.reason"].decode("utf-8", "replace")
+        text = (message.value or b"")[: room * 4].decode("utf-8", "replace")
+        return f"{where:>8}  {key:<12}  {answer[:24]:<24}  {'':>6}  {_fit(text, room)}"
     if not isinstance(row, dict):
         return f"{where:>8}  {key:<12}  (not a JSON object)"
     error = row.get(f"{response_field}_error")
@@ -108,14 +253,16 @@ def _table_line(message: Any, row: Any, response_field: str, width: int) -> str:
     tokens = str(usage.get("total_tokens", "")) if isinstance(usage, dict) else ""
     texts = [v for k, v in row.items() if isinstance(v, str) and not k.startswith(response_field)]
     text = max(texts, key=len, default="")
-    room = max(10, width - 8 - 12 - 24 - 6 - 8)
+    return f"{where:>8}  {key:<12}  {answer[:24]:<24}  {tokens:>6}  {_fit(text, room)}"
+
+
+def _fit(text: str, room: int) -> str:
     text = text.replace("\n", " ")
-    text = text if len(text) <= room else text[: room - 1] + "…"
-    return f"{where:>8}  {key:<12}  {answer[:24]:<24}  {tokens:>6}  {text}"
+    return text if len(text) <= room else text[: room - 1] + "…"
 
 
 async def tail(
-    bootstrap: str,
+    broker: Broker,
     topic: str,
     out: TextIO = sys.stdout,
     follow: bool = False,
@@ -125,33 +272,35 @@ async def tail(
     idle_timeout_s: float = 5.0,
     expect: int | None = None,
     timeout_s: float | None = None,
+    dead_letters: bool = False,
 ) -> int:
     """Print the topic from the beginning; stop at its end unless `follow`. Returns the count.
 
     With `expect`, keep reading until that many messages arrived (or `timeout_s` passed):
-    scripts use it to wait for a run to finish.
+    scripts use it to wait for a run to finish. `dead_letters` only names the table's answer
+    column `dlq.reason`; dead letters are recognised by their header on any topic.
     """
     loop = asyncio.get_running_loop()
     gives_up_at = None if timeout_s is None else loop.time() + timeout_s
     idle_gives_up_at = loop.time() + idle_timeout_s
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        metadata_max_age_ms=1000,
-    )
-    await consumer.start()
+
+    def make() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            topic,
+            **broker.options,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            metadata_max_age_ms=1000,
+        )
+
     count = 0
-    try:
+    async with connected(make, broker) as consumer:
         end: dict[TopicPartition, int] = {}
         width = shutil.get_terminal_size((120, 20)).columns
         if output_format == "table":
-            print(
-                f"{'part:off':>8}  {'key':<12}  {response_field[:24]:<24}  {'tokens':>6}  input",
-                file=out,
-            )
+            label = "dlq.reason" if dead_letters else response_field[:24]
+            print(f"{'part:off':>8}  {'key':<12}  {label:<24}  {'tokens':>6}  input", file=out)
         while True:
             batch = await consumer.getmany(timeout_ms=500)
             for messages in batch.values():
@@ -175,8 +324,6 @@ async def tail(
                 positions = [await consumer.position(tp) for tp in assigned]
                 if all(pos >= end[tp] for pos, tp in zip(positions, assigned, strict=True)):
                     return count
-    finally:
-        await consumer.stop()
 
 
 def _print_message(

@@ -67,7 +67,17 @@ class PromptTemplate:
         try:
             self._template = environment.from_string(source)
         except TemplateError as error:
-            raise ConfigError(f"llm.template: not a valid Jinja2 template: {error}") from None
+            # Syntax errors carry the line; name the key and, for a file, the file to open.
+            line = getattr(error, "lineno", None)
+            where = (
+                f"llm.template_file: {settings.template_file}"
+                if settings.template_file is not None
+                else "llm.template"
+            )
+            at = f", line {line}" if line else ""
+            raise ConfigError(
+                f"{where}{at}: not a valid Jinja2 template: {error.message or error}"
+            ) from None
         self._system_prompt = settings.system_prompt
         hashed = source if self._system_prompt is None else f"{self._system_prompt}\x00{source}"
         self.template_hash = sha256_hex(hashed.encode("utf-8"))

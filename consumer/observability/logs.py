@@ -49,3 +49,17 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root.setLevel(level)
     for noisy in ("aiokafka", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def configure_cli_logging() -> None:
+    """For `publish` and `tail`: warnings on stderr as plain lines, aiokafka's own silenced.
+
+    These commands turn every broker failure into one line of their own (and exit 1), so the
+    library's ERROR line for each connection attempt would only repeat it, once per retry.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -97,6 +97,60 @@ def test_an_unknown_top_level_key_is_named() -> None:
     assert "extra_section" in error_text(data)
 
 
+def test_an_unknown_key_suggests_the_close_key_of_its_section() -> None:
+    data = minimal()
+    data["window"] = {"max_wait": 500}
+    assert "window.max_wait: unknown key; did you mean `max_wait_ms`?" in error_text(data)
+
+
+def test_a_nested_typo_and_a_misspelt_section_get_suggestions() -> None:
+    data = minimal(concurrency={"intial": 4})
+    data["obsevability"] = {"port": 0}
+    text = error_text(data)
+    assert "llm.concurrency.intial: unknown key; did you mean `initial`?" in text
+    assert "obsevability: unknown key; did you mean `observability`?" in text
+
+
+def test_an_unknown_key_without_a_close_one_lists_the_keys_there() -> None:
+    data = minimal()
+    data["window"] = {"zzz": 1}
+    text = error_text(data)
+    assert "window.zzz: unknown key; the keys here are max_messages, max_wait_ms" in text
+
+
+def test_a_missing_variable_in_a_settings_file_names_the_file(tmp_path: Path) -> None:
+    path = write_settings(tmp_path, minimal(api_key="${OPENROUTER_API_KEY}"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    text = str(caught.value)
+    assert text.startswith(f"{path}: llm.api_key: environment variable OPENROUTER_API_KEY")
+    assert "${OPENROUTER_API_KEY:-value}" in text
+
+
+def test_the_metrics_address_can_be_moved_by_environment(tmp_path: Path) -> None:
+    path = write_settings(tmp_path, minimal())
+    environ = {"LLM_CONSUMER_METRICS_PORT": "19464", "LLM_CONSUMER_METRICS_HOST": "127.0.0.1"}
+    observability = load_settings(path, environ=environ).observability
+    assert (observability.host, observability.port) == ("127.0.0.1", 19464)
+    assert load_settings(path, environ={}).observability.port == 9464
+
+
+def test_the_metrics_port_variable_wins_over_the_file(tmp_path: Path) -> None:
+    data = minimal()
+    data["observability"] = {"port": 9999, "stale_after_s": 30}
+    path = write_settings(tmp_path, data)
+    settings = load_settings(path, environ={"LLM_CONSUMER_METRICS_PORT": "0"})
+    assert settings.observability.port == 0
+    assert settings.observability.stale_after_s == 30
+
+
+@pytest.mark.parametrize("value", ["http", "-1", "70000", ""])
+def test_a_bad_metrics_port_variable_names_the_variable(tmp_path: Path, value: str) -> None:
+    path = write_settings(tmp_path, minimal())
+    with pytest.raises(ConfigError, match="LLM_CONSUMER_METRICS_PORT: expected a port number"):
+        load_settings(path, environ={"LLM_CONSUMER_METRICS_PORT": value})
+
+
 def test_a_missing_required_key_is_named() -> None:
     data = minimal()
     del data["kafka"]["group_id"]
