@@ -23,6 +23,7 @@ from collections import deque
 from aiokafka.errors import KafkaError
 
 from consumer.config import Settings
+from consumer.enrich.cache import CachedCalls, EntryStore, MemoryStore, request_key
 from consumer.enrich.outcome import OutputFields
 from consumer.enrich.runner import WindowEnricher
 from consumer.enrich.template import PromptTemplate
@@ -78,6 +79,12 @@ class ConsumerApp:
             health=provider,
         )
         template = PromptTemplate(llm)
+        cache = self._cache_store(settings)
+        cached = CachedCalls(cache, self.metrics) if cache is not None else None
+
+        def key_of(messages: list[dict[str, str]]) -> str:
+            return request_key(llm.provider, llm.deployment, self._client.request_body(messages))
+
         fields = OutputFields(llm.response_field, llm.model_name, template)
         codec = settings.delivery.output_compression
         compression = None if codec == "none" else codec
@@ -87,7 +94,7 @@ class ConsumerApp:
         self._parts = Parts(
             settings=settings,
             tally=self._tally,
-            enricher=WindowEnricher(template, caller),
+            enricher=WindowEnricher(template, caller, key_of, cached),
             encoder=Encoder(
                 kafka.output_topic,
                 kafka.dead_letter_topic,
@@ -119,6 +126,14 @@ class ConsumerApp:
             broker=broker,
             progress=progress,
         )
+
+    def _cache_store(self, settings: Settings) -> EntryStore | None:
+        cache = settings.llm.cache
+        if cache.backend == "memory":
+            store = MemoryStore(cache.max_entries, cache.max_bytes)
+            self.metrics.watch_cache(lambda: len(store), lambda: store.bytes)
+            return store
+        return None
 
     @property
     def held_back(self) -> bool:

@@ -248,6 +248,43 @@ class RetrySettings(_Model):
     )
 
 
+class CacheSettings(_Model):
+    """The response cache: a request already answered is never paid for again."""
+
+    backend: Literal["off", "memory", "kafka"] = Field(
+        default="memory",
+        description=(
+            "memory: a bounded LRU in this process (dedupe within a run). kafka: a compacted "
+            "topic every replica reads into a local store (state.directory), so answers "
+            "survive crashes and rebalances and are shared by replicas: the choice for "
+            "production. off: every row is a request."
+        ),
+    )
+    topic: str | None = Field(
+        default=None, description="kafka: the cache topic; defaults to '<group_id>.llm-cache'."
+    )
+    max_entries: int = Field(default=100_000, ge=1, description="memory: entries kept.")
+    max_bytes: int = Field(
+        default=268_435_456, ge=1, description="memory: bytes of answers kept (about)."
+    )
+    retention_ms: int | None = Field(
+        default=None,
+        ge=60_000,
+        description=(
+            "kafka: entries older than this may be dropped by the broker (the topic is created "
+            "with cleanup.policy compact,delete); null: kept until purged."
+        ),
+    )
+    catch_up_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description=(
+            "kafka: on partition assignment, read the cache topic to its end for at most this "
+            "long first, so answers a dead member paid for are hits here; then go on."
+        ),
+    )
+
+
 class LLMSettings(_Model):
     """Which provider to call, with what prompt, and how hard."""
 
@@ -338,6 +375,7 @@ class LLMSettings(_Model):
     request_timeout_s: float = Field(default=60.0, gt=0.0)
     concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
 
     @field_validator("response_field")
     @classmethod

@@ -58,6 +58,17 @@ def output_row_schema(rf: str = "llm_response") -> dict[str, Any]:
             f"{rf}_error": error,
             f"{rf}_template_hash": sha256,
             f"{rf}_variables_hash": sha256,
+            f"{rf}_request_hash": {
+                "type": ["string", "null"],
+                "pattern": "^[0-9a-f]{64}$",
+                "description": "sha256 of the canonical request (the response cache's key); "
+                "null when no request was made (template or internal error)",
+            },
+            f"{rf}_cache": {
+                "enum": ["hit", "miss", None],
+                "description": "hit: answered from the response cache, not paid again; null: "
+                "the cache is off or no request was made",
+            },
             f"{rf}_template_source": {"type": "string"},
             f"{rf}_lookup_hash": sha256,
             f"{rf}_lookup_source": {"type": "string"},

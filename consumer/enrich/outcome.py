@@ -21,6 +21,10 @@ class RowOutcome:
     error: RowError | None
     failure_kind: FailureKind | None
     variables_hash: str
+    # The request's cache key (None when no request was made), and "hit" or "miss" (None
+    # when the cache is off).
+    request_hash: str | None = None
+    cache: str | None = None
 
     @property
     def needs_retry_later(self) -> bool:
@@ -48,6 +52,8 @@ class OutputFields:
             "finish_reason": f"{rf}_finish_reason",
             "truncated": f"{rf}_truncated",
             "error": f"{rf}_error",
+            "request_hash": f"{rf}_request_hash",
+            "cache": f"{rf}_cache",
         }
         self._static: dict[str, Any] = {f"{rf}_template_hash": template.template_hash}
         if template.template_source is not None:
@@ -78,4 +84,6 @@ class OutputFields:
             out[keys["error"]] = outcome.error.as_dict() if outcome.error else None
         out.update(self._static)
         out[self._variables_key] = outcome.variables_hash
+        out[keys["request_hash"]] = outcome.request_hash
+        out[keys["cache"]] = outcome.cache
         return out

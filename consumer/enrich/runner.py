@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from consumer.enrich.cache import CachedCalls
 from consumer.enrich.outcome import RowOutcome
 from consumer.enrich.template import PromptTemplate, TemplateRenderError
 from consumer.llm.caller import LLMCaller
@@ -21,9 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class WindowEnricher:
-    def __init__(self, template: PromptTemplate, caller: LLMCaller) -> None:
+    def __init__(
+        self,
+        template: PromptTemplate,
+        caller: LLMCaller,
+        request_key: Callable[[list[dict[str, str]]], str],
+        cache: CachedCalls | None = None,
+    ) -> None:
         self._template = template
         self._caller = caller
+        self._request_key = request_key
+        self._cache = cache
 
     async def enrich_row(self, row: dict[str, Any]) -> RowOutcome:
         """Never raises for the row's sake: anything unexpected is that row's `internal_error`."""
@@ -43,9 +52,15 @@ class WindowEnricher:
         except TemplateRenderError as error:
             row_error = RowError("template_error", str(error), None, 0, False)
             return RowOutcome(None, row_error, FailureKind.ROW, variables_hash)
-        result = await self._caller.call(messages)
+        key = self._request_key(messages)
+        cache: str | None = None
+        if self._cache is None:
+            result = await self._caller.call(messages)
+        else:
+            answer = await self._cache.answer(key, lambda: self._caller.call(messages))
+            result, cache = answer.result, "hit" if answer.hit else "miss"
         if result.completion is not None:
-            return RowOutcome(result.completion, None, None, variables_hash)
+            return RowOutcome(result.completion, None, None, variables_hash, key, cache)
         failure = result.failure
         assert failure is not None
         reason = failure.reason
@@ -57,7 +72,7 @@ class WindowEnricher:
         row_error = RowError(
             reason, message, failure.status_code, result.attempts, failure.kind.retryable
         )
-        return RowOutcome(None, row_error, failure.kind, variables_hash)
+        return RowOutcome(None, row_error, failure.kind, variables_hash, key, cache)
 
     async def enrich(self, rows: Sequence[dict[str, Any]]) -> list[RowOutcome]:
         """All rows at once (the limiter admits them), outcomes in input order."""

@@ -183,6 +183,38 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz answers 200.", registry=r)
+        self.cache_lookups = Counter(
+            f"{PREFIX}_cache_lookups",
+            "Response-cache lookups by result: a hit is a request not paid for again.",
+            ["result"],
+            registry=r,
+        )
+        self.cache_writes = Counter(
+            f"{PREFIX}_cache_writes", "Answers stored in the response cache.", registry=r
+        )
+        self.cache_write_failures = Counter(
+            f"{PREFIX}_cache_write_failures",
+            "Cache writes the broker did not acknowledge (the rows were not affected).",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            f"{PREFIX}_cache_entries", "Entries in the local cache store.", registry=r
+        )
+        self.cache_bytes = Gauge(
+            f"{PREFIX}_cache_bytes", "Bytes of the local cache store.", registry=r
+        )
+        self.cache_catch_up_seconds = Gauge(
+            f"{PREFIX}_cache_catch_up_seconds",
+            "How long the last catch-up of the cache topic took (on partition assignment).",
+            registry=r,
+        )
+        self.cache_catch_up_lag = Gauge(
+            f"{PREFIX}_cache_catch_up_lag",
+            "Cache records still unread when the last catch-up ended (0: complete).",
+            registry=r,
+        )
+        for result in ("hit", "miss"):
+            self.cache_lookups.labels(result)
         self.event_loop_lag = Gauge(
             f"{PREFIX}_event_loop_lag_seconds",
             "How late the last 1 s heartbeat sleep woke up (a blocked event loop shows here).",
@@ -243,6 +275,16 @@ class Metrics:
                 self.row_errors.labels(outcome.error.reason).inc()
             if outcome.completion is not None:
                 self.completion(outcome.completion)
+
+    def cache_lookup(self, hit: bool) -> None:
+        self.cache_lookups.labels("hit" if hit else "miss").inc()
+
+    def cache_write(self) -> None:
+        self.cache_writes.inc()
+
+    def watch_cache(self, entries: Callable[[], float], size: Callable[[], float]) -> None:
+        self.cache_entries.set_function(entries)
+        self.cache_bytes.set_function(size)
 
     def dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(reason).inc()

@@ -17,6 +17,7 @@ from consumer.pipeline.decode import DecodeStep
 from consumer.pipeline.deliver import ProduceStep, Replacements, TransactionalProduceStep
 from consumer.pipeline.encode import EncodedWindow, Encoder, EncodeStep
 from consumer.pipeline.enrich import EnrichStep
+from consumer.pipeline.flush import Flushable, FlushStateStep
 from consumer.pipeline.protocol import Step, Wakeup
 from consumer.pipeline.report import ReportStep, Tally
 from consumer.pipeline.windowing import WindowingStep
@@ -45,6 +46,8 @@ class Parts:
     # Exactly one of the two: the delivery mode is decided here, once.
     sink: ProducerSink | None
     transactions: TransactionalSink | None
+    # State written to compacted topics while enriching (the cache), flushed before delivery.
+    shared_state: Flushable | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class Chain:
 
 
 def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
-    """decode -> windowing -> enrich -> encode -> deliver -> (commit) -> report.
+    """decode -> windowing -> enrich -> encode -> (flush state) -> deliver -> (commit) -> report.
 
     Built from the last step to the first, since each step is given its next.
     """
@@ -98,7 +101,12 @@ def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
         retry,
         parts.provider_health,
         settings.window.max_pending_windows,
-        EncodeStep(parts.encoder, deliver),
+        EncodeStep(
+            parts.encoder,
+            deliver
+            if parts.shared_state is None
+            else FlushStateStep(parts.shared_state, deliver, wakeup),
+        ),
         wakeup,
         Backoff(_FIRST_HOLD_S, retry.window_backoff_max_s),
     )

@@ -146,8 +146,9 @@ def _letter_of(record: OutgoingRecord) -> DeadLetter:
     return DeadLetter(reason, headers.get("dlq.message", b"").decode("utf-8", "replace"))
 
 
-class _OneAtATime:
-    """The shared shape of both delivery steps: one window in flight, handed on in order."""
+class OneAtATime:
+    """The shape of steps that work on one window at a time (both deliveries, the state
+    flush): one in flight, handed on once done; `_process` is the work."""
 
     def __init__(self, next_step: Step[EncodedWindow], wakeup: Wakeup) -> None:
         self._next = next_step
@@ -158,10 +159,10 @@ class _OneAtATime:
     def submit(self, value: EncodedWindow) -> None:
         if self._task is not None or self._done is not None:
             raise Rejected
-        self._task = asyncio.create_task(self._deliver(value), name="deliver")
+        self._task = asyncio.create_task(self._process(value), name=type(self).__name__)
         self._task.add_done_callback(lambda _: self._wakeup.set())
 
-    async def _deliver(self, window: EncodedWindow) -> EncodedWindow:
+    async def _process(self, window: EncodedWindow) -> EncodedWindow:
         raise NotImplementedError
 
     def poll(self) -> None:
@@ -202,7 +203,7 @@ class _OneAtATime:
         return self._task is None
 
 
-class ProduceStep(_OneAtATime):
+class ProduceStep(OneAtATime):
     """At-least-once: the window's records through the shared idempotent producer."""
 
     def __init__(
@@ -222,7 +223,7 @@ class ProduceStep(_OneAtATime):
         self._backoff = backoff
         self._sleep = sleep
 
-    async def _deliver(self, window: EncodedWindow) -> EncodedWindow:
+    async def _process(self, window: EncodedWindow) -> EncodedWindow:
         records = list(window.records)
         pending = list(range(len(records)))
         attempt = 0
@@ -271,7 +272,7 @@ class ProduceStep(_OneAtATime):
         await self._sleep(delay)
 
 
-class TransactionalProduceStep(_OneAtATime):
+class TransactionalProduceStep(OneAtATime):
     """Exactly-once: per input partition, its records and its next offset in one transaction."""
 
     def __init__(
@@ -293,7 +294,7 @@ class TransactionalProduceStep(_OneAtATime):
         self._backoff = backoff
         self._sleep = sleep
 
-    async def _deliver(self, window: EncodedWindow) -> EncodedWindow:
+    async def _process(self, window: EncodedWindow) -> EncodedWindow:
         records = list(window.records)
         by_partition: dict[TopicPartition, list[int]] = {}
         for index, item in enumerate(window.items):

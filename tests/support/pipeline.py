@@ -202,6 +202,9 @@ def settings_file(
             "model": "fake-model",
             "template": template,
             "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5, "window_backoff_max_s": 2},
+            # Test rows repeat a few texts: with the cache on, most would never reach the
+            # LLM. Tests of the cache turn it on.
+            "cache": {"backend": "off"},
         },
         "delivery": {"shutdown_grace_s": 15},
         "logging": {"format": "json", "level": "INFO"},
