@@ -23,15 +23,6 @@ from collections import deque
 from aiokafka.errors import KafkaError
 
 from consumer.config import Settings
-from consumer.enrich.cache import CachedCalls, EntryStore, MemoryStore, request_key
-from consumer.enrich.outcome import OutputFields
-from consumer.enrich.runner import WindowEnricher
-from consumer.enrich.template import PromptTemplate
-from consumer.kafka.clients import build_consumer, build_producer
-from consumer.kafka.sink import ProducerSink
-from consumer.kafka.source import KafkaSource
-from consumer.kafka.transactions import TransactionalSink
-from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient
 from consumer.llm.limiter import AIMDLimiter
 from consumer.observability import (
@@ -42,8 +33,8 @@ from consumer.observability import (
     PipelineEvents,
     ProviderHealth,
 )
-from consumer.pipeline import Chain, Deadline, Encoder, Parts, Rejected, Wakeup, build_chain
-from consumer.pipeline.report import Tally
+from consumer.parts import build_parts
+from consumer.pipeline import Chain, Deadline, Rejected, Wakeup, build_chain
 from consumer.records import SourceRecord, TopicPartition
 from consumer.retry import Backoff
 from consumer.window import CloseReason
@@ -65,51 +56,16 @@ class ConsumerApp:
         client: ChatClient | None = None,
     ) -> None:
         self.settings = settings
-        llm, kafka = settings.llm, settings.kafka
         self.metrics = Metrics(settings)
-        self.limiter = limiter or AIMDLimiter.from_settings(llm.concurrency)
-        self._client = client or ChatClient(llm)
+        self.limiter = limiter or AIMDLimiter.from_settings(settings.llm.concurrency)
+        self._client = client or ChatClient(settings.llm)
         provider, broker = ProviderHealth(), BrokerHealth()
         progress = PartitionProgress(settings.observability.stuck_partition_after_s)
-        caller = LLMCaller(
-            self._client,
-            self.limiter,
-            llm.retry,
-            on_attempt=self.metrics.attempt_hook(),
-            health=provider,
+        events = PipelineEvents(self.metrics, broker, progress)
+        self._parts = build_parts(
+            settings, self.metrics, self.limiter, self._client, provider, events
         )
-        template = PromptTemplate(llm)
-        cache = self._cache_store(settings)
-        cached = CachedCalls(cache, self.metrics) if cache is not None else None
-
-        def key_of(messages: list[dict[str, str]]) -> str:
-            return request_key(llm.provider, llm.deployment, self._client.request_body(messages))
-
-        fields = OutputFields(llm.response_field, llm.model_name, template)
-        codec = settings.delivery.output_compression
-        compression = None if codec == "none" else codec
-        exactly_once = settings.delivery.mode == "exactly_once"
-        prefix = settings.delivery.transactional_id_prefix
-        self._tally = Tally()
-        self._parts = Parts(
-            settings=settings,
-            tally=self._tally,
-            enricher=WindowEnricher(template, caller, key_of, cached),
-            encoder=Encoder(
-                kafka.output_topic,
-                kafka.dead_letter_topic,
-                fields,
-                llm.model_name,
-                template.template_hash,
-            ),
-            provider_health=provider,
-            events=PipelineEvents(self.metrics, broker, progress),
-            metrics=self.metrics,
-            limiter=self.limiter,
-            source=KafkaSource(build_consumer(kafka)),
-            sink=None if exactly_once else ProducerSink(lambda: build_producer(kafka, compression)),
-            transactions=TransactionalSink(kafka, compression, prefix) if exactly_once else None,
-        )
+        self._tally = self._parts.tally
         self._source = self._parts.source
         self._progress = progress
         self._wakeup = Wakeup()
@@ -126,14 +82,6 @@ class ConsumerApp:
             broker=broker,
             progress=progress,
         )
-
-    def _cache_store(self, settings: Settings) -> EntryStore | None:
-        cache = settings.llm.cache
-        if cache.backend == "memory":
-            store = MemoryStore(cache.max_entries, cache.max_bytes)
-            self.metrics.watch_cache(lambda: len(store), lambda: store.bytes)
-            return store
-        return None
 
     @property
     def held_back(self) -> bool:
@@ -157,6 +105,8 @@ class ConsumerApp:
         failed = False
         try:
             await self._connect()
+            if self._parts.shared_state is not None:
+                await self._parts.shared_state.start()
             self._source.subscribe(kafka.input_topic, self._on_assigned, self._on_revoked)
             log.info(
                 "consuming",
@@ -174,6 +124,8 @@ class ConsumerApp:
                 failed = True
             await self._release(CloseReason.SHUTDOWN, abandon=failed)
         finally:
+            if self._parts.shared_state is not None:
+                await self._parts.shared_state.stop()
             await self._source.stop()
             if self._parts.transactions is not None:
                 await self._parts.transactions.close()
@@ -265,6 +217,13 @@ class ConsumerApp:
             await self._release(CloseReason.REVOKE)
         if self._parts.transactions is not None:
             await self._parts.transactions.assign(assigned)
+        if self._parts.shared_state is not None:
+            # Answers a member that died had paid for become hits here before any row runs.
+            caught = await self._parts.shared_state.catch_up(
+                self.settings.llm.cache.catch_up_timeout_s
+            )
+            self.metrics.cache_catch_up_seconds.set(caught.seconds)
+            self.metrics.cache_catch_up_lag.set(caught.lag)
         self._chain = build_chain(self._parts, self._wakeup)
         self._wakeup.set()
         log.info("partitions assigned", extra={"partitions": sorted(map(tuple, assigned))})

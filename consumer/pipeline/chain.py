@@ -17,12 +17,13 @@ from consumer.pipeline.decode import DecodeStep
 from consumer.pipeline.deliver import ProduceStep, Replacements, TransactionalProduceStep
 from consumer.pipeline.encode import EncodedWindow, Encoder, EncodeStep
 from consumer.pipeline.enrich import EnrichStep
-from consumer.pipeline.flush import Flushable, FlushStateStep
+from consumer.pipeline.flush import FlushStateStep
 from consumer.pipeline.protocol import Step, Wakeup
 from consumer.pipeline.report import ReportStep, Tally
 from consumer.pipeline.windowing import WindowingStep
 from consumer.records import SourceRecord
 from consumer.retry import Backoff
+from consumer.state import GlobalTable
 from consumer.window import WindowAccumulator
 
 _BROKER_BACKOFF = Backoff(0.5, 30.0)
@@ -47,7 +48,7 @@ class Parts:
     sink: ProducerSink | None
     transactions: TransactionalSink | None
     # State written to compacted topics while enriching (the cache), flushed before delivery.
-    shared_state: Flushable | None = None
+    shared_state: GlobalTable | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,9 @@ def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
             parts.encoder,
             deliver
             if parts.shared_state is None
-            else FlushStateStep(parts.shared_state, deliver, wakeup),
+            else FlushStateStep(
+                parts.shared_state, parts.metrics.cache_write_failures.inc, deliver, wakeup
+            ),
         ),
         wakeup,
         Backoff(_FIRST_HOLD_S, retry.window_backoff_max_s),

@@ -9,6 +9,7 @@ entry costs a paid call later, never a row).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from consumer.pipeline.deliver import OneAtATime
@@ -22,10 +23,19 @@ class Flushable(Protocol):
 
 
 class FlushStateStep(OneAtATime):
-    def __init__(self, state: Flushable, next_step: Step[EncodedWindow], wakeup: Wakeup) -> None:
+    def __init__(
+        self,
+        state: Flushable,
+        on_failed: Callable[[int], None],
+        next_step: Step[EncodedWindow],
+        wakeup: Wakeup,
+    ) -> None:
         super().__init__(next_step, wakeup)
         self._state = state
+        self._on_failed = on_failed
 
     async def _process(self, window: EncodedWindow) -> EncodedWindow:
-        await self._state.flush()
+        failed = await self._state.flush()
+        if failed:
+            self._on_failed(failed)
         return window

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
 import orjson
 
 from tests.support.fake_llm_process import fake_llm_process
+from tests.support.ledger import account
 from tests.support.pipeline import (
+    ConsumerProcess,
     Topics,
     create_topics,
     publish,
@@ -56,3 +59,48 @@ async def test_rows_repeating_an_earlier_prompt_are_answered_from_the_cache(
         by_prompt.setdefault(body["llm_response_request_hash"], set()).add(body["llm_response"])
     assert len(by_prompt) == 700
     assert all(len(answers) == 1 for answers in by_prompt.values()), "a hit is the same answer"
+
+
+async def test_rows_paid_for_before_a_crash_are_not_paid_again_after_the_restart(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """3,000 distinct rows, SIGKILL three times mid-run: every row comes out, and the provider
+    is paid at most once per prompt plus what was in flight at each kill."""
+    topics = Topics.unique("cache-crash")
+    await create_topics(kafka_bootstrap, [topics.input, topics.output, topics.dlq], partitions=3)
+    rows = [{"id": i, "text": f"review {i}: it works"} for i in range(3000)]
+    positions = await publish(kafka_bootstrap, topics.input, rows_to_messages(rows))
+    concurrency = 8
+    with fake_llm_process("--latency-ms", "20") as llm:
+        settings = settings_file(
+            tmp_path,
+            kafka_bootstrap,
+            llm.base_url,
+            topics,
+            kafka={"session_timeout_ms": 6_000, "heartbeat_interval_ms": 1_000},
+            window={"max_messages": 200, "max_wait_ms": 500},
+            llm={
+                "cache": {"backend": "kafka"},
+                "concurrency": {"initial": concurrency, "max": concurrency},
+            },
+            state={"directory": str(tmp_path / "state")},
+        )
+        log = tmp_path / "consumer.log"
+        rng = random.Random(3)
+        for _ in range(3):
+            proc = ConsumerProcess(settings, log).start()
+            await asyncio.sleep(rng.uniform(2.5, 4.0))
+            proc.kill()
+        with running_consumer(settings, log) as consumer:
+            outputs = await read_topic(
+                kafka_bootstrap, topics.output, expect=3000, timeout_s=180, settle_s=2
+            )
+            await wait_for_commits(kafka_bootstrap, topics.group, topics.input, timeout_s=60)
+            assert consumer.stop() == 0
+        requests = llm.stats()["requests"]
+    entry = account("C1. SIGKILL x3 with the kafka cache", positions, outputs)
+    assert entry.missing == 0, entry.missing_examples
+    print(f"\n{requests} paid requests for 3000 distinct prompts")
+    assert requests <= 3000 + 3 * concurrency, f"{requests} requests"
+    hits = sum(1 for m in outputs if orjson.loads(m.value or b"")["llm_response_cache"] == "hit")
+    assert hits >= entry.duplicates, "redelivered rows are answered from the cache"
