@@ -203,7 +203,61 @@ class OneAtATime:
         return self._task is None
 
 
-class ProduceStep(OneAtATime):
+class _Delivery(OneAtATime):
+    """What both delivery steps share: the poison policy, and waiting out broker errors."""
+
+    def __init__(
+        self,
+        replacements: Replacements,
+        events: DeliveryEvents,
+        backoff: Backoff,
+        next_step: Step[EncodedWindow],
+        wakeup: Wakeup,
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        super().__init__(next_step, wakeup)
+        self._replacements = replacements
+        self._events = events
+        self._backoff = backoff
+        self._sleep = sleep
+
+    def _replace_refused(
+        self,
+        window: EncodedWindow,
+        records: list[OutgoingRecord],
+        failed: list[tuple[int, BaseException]],
+    ) -> bool:
+        """Replace the records no retry can fix; True if some failures are worth a wait."""
+        for index, failure in failed:
+            if refused(failure):
+                records[index] = self._replacements.replace(window, index, records[index], failure)
+        return not all(refused(e) for _, e in failed)
+
+    async def _wait(
+        self,
+        window: EncodedWindow,
+        attempt: int,
+        what: str,
+        error: BaseException,
+        wait: bool = True,
+        **context: object,
+    ) -> None:
+        self._events.broker_error(what, error)
+        delay = self._backoff.delay(attempt) if wait else 0.0
+        log.warning(
+            what,
+            extra={
+                "window_id": window.enriched.window.id,
+                **context,
+                "error": repr(error),
+                "retry_in_s": round(delay, 2),
+            },
+        )
+        if delay:
+            await self._sleep(delay)
+
+
+class ProduceStep(_Delivery):
     """At-least-once: the window's records through the shared idempotent producer."""
 
     def __init__(
@@ -216,12 +270,8 @@ class ProduceStep(OneAtATime):
         wakeup: Wakeup,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        super().__init__(next_step, wakeup)
+        super().__init__(replacements, events, backoff, next_step, wakeup, sleep)
         self._sink = sink
-        self._replacements = replacements
-        self._events = events
-        self._backoff = backoff
-        self._sleep = sleep
 
     async def _process(self, window: EncodedWindow) -> EncodedWindow:
         records = list(window.records)
@@ -244,35 +294,16 @@ class ProduceStep(OneAtATime):
             attempt += 1
             # Any refusal or lost sequence: a fresh producer, so later records go through.
             recover = any(_breaks_producer(e) for _, e in failed)
-            for index, failure in failed:
-                if refused(failure):
-                    records[index] = self._replacements.replace(
-                        window, index, records[index], failure
-                    )
+            worth_waiting = self._replace_refused(window, records, failed)
             pending = [i for i, _ in failed]
-            if not all(refused(e) for _, e in failed):
+            if worth_waiting:
                 await self._wait(window, attempt, "produce failed, retrying", failed[0][1])
         self._events.broker_ok()
         failpoints.reach("after_produce")
         return EncodedWindow(window.enriched, records)
 
-    async def _wait(
-        self, window: EncodedWindow, attempt: int, what: str, error: BaseException
-    ) -> None:
-        delay = self._backoff.delay(attempt)
-        self._events.broker_error(what, error)
-        log.warning(
-            what,
-            extra={
-                "window_id": window.enriched.window.id,
-                "error": repr(error),
-                "retry_in_s": round(delay, 2),
-            },
-        )
-        await self._sleep(delay)
 
-
-class TransactionalProduceStep(OneAtATime):
+class TransactionalProduceStep(_Delivery):
     """Exactly-once: per input partition, its records and its next offset in one transaction."""
 
     def __init__(
@@ -286,13 +317,9 @@ class TransactionalProduceStep(OneAtATime):
         wakeup: Wakeup,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        super().__init__(next_step, wakeup)
+        super().__init__(replacements, events, backoff, next_step, wakeup, sleep)
         self._transactions = transactions
         self._group_id = group_id
-        self._replacements = replacements
-        self._events = events
-        self._backoff = backoff
-        self._sleep = sleep
 
     async def _process(self, window: EncodedWindow) -> EncodedWindow:
         records = list(window.records)
@@ -326,9 +353,10 @@ class TransactionalProduceStep(OneAtATime):
                 return
             except KafkaError as error:
                 attempt += 1
-                await self._wait_and_reset(
-                    window, tp, attempt, "transaction failed, retrying", error
+                await self._wait(
+                    window, attempt, "transaction failed, retrying", error, partition=tuple(tp)
                 )
+                await self._reset(tp)
                 continue
             failed = [(i, e) for i, e in zip(indexes, results, strict=True) if e is not None]
             if not failed:
@@ -337,43 +365,19 @@ class TransactionalProduceStep(OneAtATime):
                 return
             # The transaction was aborted: every record of it is sent again in the next one.
             attempt += 1
-            for index, failure in failed:
-                if refused(failure):
-                    records[index] = self._replacements.replace(
-                        window, index, records[index], failure
-                    )
-            await self._wait_and_reset(
+            worth_waiting = self._replace_refused(window, records, failed)
+            await self._wait(
                 window,
-                tp,
                 attempt,
                 "transaction aborted, retrying",
                 failed[0][1],
-                wait=not all(refused(e) for _, e in failed),
+                wait=worth_waiting,
+                partition=tuple(tp),
             )
+            await self._reset(tp)
 
-    async def _wait_and_reset(
-        self,
-        window: EncodedWindow,
-        tp: TopicPartition,
-        attempt: int,
-        what: str,
-        error: BaseException,
-        wait: bool = True,
-    ) -> None:
-        self._events.broker_error(what, error)
-        delay = self._backoff.delay(attempt) if wait else 0.0
-        log.warning(
-            what,
-            extra={
-                "window_id": window.enriched.window.id,
-                "partition": tuple(tp),
-                "error": repr(error),
-                "retry_in_s": round(delay, 2),
-            },
-        )
-        if delay:
-            await self._sleep(delay)
+    async def _reset(self, tp: TopicPartition) -> None:
         try:
             await self._transactions.reset(tp)
-        except KafkaError as reset_error:
-            log.warning("transactional producer restart failed", extra={"error": repr(reset_error)})
+        except KafkaError as error:
+            log.warning("transactional producer restart failed", extra={"error": repr(error)})

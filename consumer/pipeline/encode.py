@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from consumer.enrich.outcome import OutputFields, RowOutcome
 from consumer.llm.errors import FailureKind, RowError
 from consumer.pipeline.enrich import EnrichedWindow
-from consumer.pipeline.protocol import Deadline, Step
+from consumer.pipeline.protocol import Step, Transform
 from consumer.records import DeadLetter, Item, OutgoingRecord, SourceRecord
 from consumer.rowjson import with_fields
 
@@ -139,21 +139,13 @@ class Encoder:
         ]
 
 
-class EncodeStep:
+class EncodeStep(Transform[EnrichedWindow, EncodedWindow]):
     def __init__(self, encoder: Encoder, next_step: Step[EncodedWindow]) -> None:
+        super().__init__(next_step)
         self._encoder = encoder
-        self._next = next_step
-        # An encoded window the next step rejected is offered again without encoding it twice.
-        self._last: tuple[EnrichedWindow, EncodedWindow] | None = None
 
-    def submit(self, value: EnrichedWindow) -> None:
-        if self._last is not None and self._last[0] is value:
-            encoded = self._last[1]
-        else:
-            encoded = EncodedWindow(value, self.encode(value))
-            self._last = (value, encoded)
-        self._next.submit(encoded)
-        self._last = None
+    def transform(self, value: EnrichedWindow) -> EncodedWindow:
+        return EncodedWindow(value, self.encode(value))
 
     def encode(self, enriched: EnrichedWindow) -> list[OutgoingRecord]:
         window_id = enriched.window.id
@@ -165,16 +157,3 @@ class EncodeStep:
             else:
                 records.append(self._encoder.output(window_id, item, outcome))
         return records
-
-    def poll(self) -> None:
-        self._next.poll()
-
-    def close(self) -> None:
-        self._next.close()
-
-    async def join(self, deadline: Deadline) -> None:
-        await self._next.join(deadline)
-
-    def terminate(self) -> None:
-        self._last = None
-        self._next.terminate()

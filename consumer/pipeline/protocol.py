@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T_contra = TypeVar("T_contra", contravariant=True)
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 # A join whose next step is full rechecks this often even if no wakeup comes.
 _FULL_NEXT_STEP_RECHECK_S = 0.05
@@ -45,6 +47,46 @@ class Step(Protocol[T_contra]):
 
     def terminate(self) -> None:
         """Drop unfinished work (cancel its tasks), then terminate the next step."""
+
+
+class Transform(Generic[In, Out]):
+    """A step that turns each value into another at once, with no I/O (decode, encode).
+
+    A value the next step rejected is offered again by the caller; it is transformed once.
+    """
+
+    def __init__(self, next_step: Step[Out]) -> None:
+        self._next = next_step
+        self._last: tuple[In, Out] | None = None
+
+    def transform(self, value: In) -> Out:
+        raise NotImplementedError
+
+    def taken(self, value: In) -> None:
+        """The next step took the value (a hook for counting)."""
+
+    def submit(self, value: In) -> None:
+        if self._last is not None and self._last[0] is value:
+            out = self._last[1]
+        else:
+            out = self.transform(value)
+            self._last = (value, out)
+        self._next.submit(out)  # Rejected propagates: the caller keeps the value
+        self._last = None
+        self.taken(value)
+
+    def poll(self) -> None:
+        self._next.poll()
+
+    def close(self) -> None:
+        self._next.close()
+
+    async def join(self, deadline: Deadline) -> None:
+        await self._next.join(deadline)
+
+    def terminate(self) -> None:
+        self._last = None
+        self._next.terminate()
 
 
 class Deadline:
