@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import signal
 from collections import deque
-
-from aiokafka.errors import KafkaError
 
 from consumer.config import Settings
 from consumer.llm.client import ChatClient
@@ -33,10 +30,9 @@ from consumer.observability import (
     PipelineEvents,
     ProviderHealth,
 )
-from consumer.parts import build_parts
+from consumer.parts import build_parts, start_parts, stop_parts
 from consumer.pipeline import Chain, Deadline, Rejected, Wakeup, build_chain
 from consumer.records import SourceRecord, TopicPartition
-from consumer.retry import Backoff
 from consumer.window import CloseReason
 
 log = logging.getLogger("consumer")
@@ -104,9 +100,7 @@ class ConsumerApp:
         await self.observability.start()
         failed = False
         try:
-            await self._connect()
-            if self._parts.shared_state is not None:
-                await self._parts.shared_state.start()
+            await start_parts(self._parts)
             self._source.subscribe(kafka.input_topic, self._on_assigned, self._on_revoked)
             log.info(
                 "consuming",
@@ -124,13 +118,7 @@ class ConsumerApp:
                 failed = True
             await self._release(CloseReason.SHUTDOWN, abandon=failed)
         finally:
-            if self._parts.shared_state is not None:
-                await self._parts.shared_state.stop()
-            await self._source.stop()
-            if self._parts.transactions is not None:
-                await self._parts.transactions.close()
-            if self._parts.sink is not None:
-                await self._parts.sink.stop()
+            await stop_parts(self._parts)
             await self._client.aclose()
             await self.observability.stop()
         tally = self._tally
@@ -143,32 +131,6 @@ class ConsumerApp:
             },
         )
         return 1 if failed else 0
-
-    async def _connect(self) -> None:
-        """Reach the broker, retrying with backoff for `kafka.connect_timeout_s`."""
-        deadline = Deadline(self.settings.kafka.connect_timeout_s)
-        backoff = Backoff(0.5, 5.0)
-        for attempt in itertools.count(1):
-            try:
-                if self._parts.sink is not None:
-                    await self._parts.sink.start()
-                await self._source.start()
-                return
-            except KafkaError as error:
-                if self._parts.sink is not None:
-                    await self._parts.sink.stop()
-                if deadline.expired:
-                    raise
-                delay = min(backoff.delay(attempt), deadline.remaining())
-                log.warning(
-                    "cannot reach the broker yet; retrying",
-                    extra={
-                        "bootstrap": self.settings.kafka.bootstrap_servers,
-                        "error": str(error),
-                        "retry_in_s": round(delay, 1),
-                    },
-                )
-                await asyncio.sleep(delay)
 
     async def _loop(self) -> None:
         try:

@@ -7,6 +7,12 @@ shared by replicas). Tests and benchmarks can hand in their own limiter or clien
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
+
+from aiokafka.errors import KafkaError
+
 from consumer.config import Settings
 from consumer.enrich.cache import CachedCalls, EntryStore, MemoryStore, request_key
 from consumer.enrich.outcome import OutputFields
@@ -22,8 +28,12 @@ from consumer.llm.limiter import AIMDLimiter
 from consumer.observability import Metrics, PipelineEvents, ProviderHealth
 from consumer.pipeline.chain import Parts
 from consumer.pipeline.encode import Encoder
+from consumer.pipeline.protocol import Deadline
 from consumer.pipeline.report import Tally
+from consumer.retry import Backoff
 from consumer.state import GlobalTable
+
+log = logging.getLogger("consumer")
 
 
 def cache_table(settings: Settings) -> GlobalTable:
@@ -86,3 +96,46 @@ def build_parts(
         transactions=TransactionalSink(kafka, compression, prefix) if exactly_once else None,
         shared_state=table,
     )
+
+
+async def start_parts(parts: Parts) -> None:
+    """Reach the broker (retrying with backoff for `kafka.connect_timeout_s`), then the state.
+
+    A client that failed to start is stopped again before the next try, so none is left open.
+    """
+    kafka = parts.settings.kafka
+    deadline = Deadline(kafka.connect_timeout_s)
+    backoff = Backoff(0.5, 5.0)
+    for attempt in itertools.count(1):
+        try:
+            if parts.sink is not None:
+                await parts.sink.start()
+            await parts.source.start()
+            break
+        except KafkaError as error:
+            if parts.sink is not None:
+                await parts.sink.stop()
+            if deadline.expired:
+                raise
+            delay = min(backoff.delay(attempt), deadline.remaining())
+            log.warning(
+                "cannot reach the broker yet; retrying",
+                extra={
+                    "bootstrap": kafka.bootstrap_servers,
+                    "error": str(error),
+                    "retry_in_s": round(delay, 1),
+                },
+            )
+            await asyncio.sleep(delay)
+    if parts.shared_state is not None:
+        await parts.shared_state.start()
+
+
+async def stop_parts(parts: Parts) -> None:
+    if parts.shared_state is not None:
+        await parts.shared_state.stop()
+    await parts.source.stop()
+    if parts.transactions is not None:
+        await parts.transactions.close()
+    if parts.sink is not None:
+        await parts.sink.stop()
