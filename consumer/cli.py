@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from consumer import __version__
+from consumer import __version__, cachecli
 from consumer.config import ConfigError, Settings, load_settings
 from consumer.csvrows import COLUMN_TYPES, ColumnType, CsvTypes, RowFileError, parse_csv_types
 from consumer.enrich.template import PromptTemplate
@@ -203,6 +203,10 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     return 1 if args.expect is not None and count < args.expect else 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    return cachecli.run(args)
+
+
 def _cmd_fake_llm(args: argparse.Namespace) -> int:
     from consumer.fake_llm.server import run
 
@@ -344,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
     tail.set_defaults(handler=_cmd_tail)
+
+    cache = _subcommand(
+        commands, "cache", "the response cache's Kafka table: stats, purge entries by age"
+    )
+    cachecli.add_arguments(cache, _subcommand)
+    cache.set_defaults(handler=_cmd_cache)
 
     fake = _subcommand(commands, "fake-llm", "run the OpenAI-compatible fake LLM server")
     fake_llm_cli.add_arguments(fake)

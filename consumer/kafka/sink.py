@@ -18,21 +18,24 @@ from consumer.records import OutgoingRecord
 
 
 async def send_each(
-    producer: AIOKafkaProducer, records: Sequence[OutgoingRecord]
+    producer: AIOKafkaProducer, records: Sequence[OutgoingRecord], one_by_one: bool = False
 ) -> list[BaseException | None]:
     """Queue every record in order, then wait for all; the error of each, None when acked.
 
     Sends are queued before any is awaited, so the producer batches them and keeps
-    per-partition order.
+    per-partition order. `one_by_one` waits for each record before the next, so each goes in
+    a batch of its own: the broker refuses a whole batch that is over a topic's limit, and
+    this tells which of its records is too large on its own.
     """
     futures: list[asyncio.Future[object] | BaseException] = []
     for record in records:
         try:
-            futures.append(
-                await producer.send(
-                    record.topic, value=record.value, key=record.key, headers=record.headers
-                )
+            sent = await producer.send(
+                record.topic, value=record.value, key=record.key, headers=record.headers
             )
+            if one_by_one:
+                await asyncio.gather(sent, return_exceptions=True)
+            futures.append(sent)
         except Exception as error:  # refused before sending: too large, no metadata
             futures.append(error)
     waiting = [f for f in futures if isinstance(f, asyncio.Future)]
@@ -70,10 +73,12 @@ class ProducerSink:
         if producer is not None:
             await producer.stop()
 
-    async def send_all(self, records: Sequence[OutgoingRecord]) -> list[BaseException | None]:
+    async def send_all(
+        self, records: Sequence[OutgoingRecord], one_by_one: bool = False
+    ) -> list[BaseException | None]:
         if self._producer is None:
             raise RuntimeError("the producer is not running (recover() it first)")
-        return await send_each(self._producer, records)
+        return await send_each(self._producer, records, one_by_one)
 
     async def recover(self) -> None:
         """A new producer (new id, fresh sequences); raises if the broker cannot be reached."""

@@ -78,6 +78,7 @@ class TransactionalSink:
         records: Sequence[OutgoingRecord],
         next_offset: int,
         group_id: str,
+        one_by_one: bool = False,
     ) -> list[BaseException | None]:
         """Produce `records` and commit `next_offset` for `tp` atomically.
 
@@ -91,7 +92,7 @@ class TransactionalSink:
             producer = self._producers[tp]
         await producer.begin_transaction()
         try:
-            results = await send_each(producer, records)
+            results = await send_each(producer, records, one_by_one)
             if any(result is not None for result in results):
                 await producer.abort_transaction()
                 return results

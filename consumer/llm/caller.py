@@ -117,7 +117,12 @@ class LLMCaller:
                     self._limiter.on_ignore(ticket)
                     if hint:
                         self._limiter.defer(hint)
-                if self._health is not None and error.kind is not FailureKind.ROW:
+                # A 200 is an answer (with an error inside, or garbage): the provider is up.
+                if (
+                    self._health is not None
+                    and error.kind is not FailureKind.ROW
+                    and error.status_code != 200
+                ):
                     self._health.record_failure(error.reason)
                 reported = True
             finally:

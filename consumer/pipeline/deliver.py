@@ -53,7 +53,9 @@ class DeliveryFailed(Exception):
 
 
 class RecordSink(Protocol):
-    async def send_all(self, records: Sequence[OutgoingRecord]) -> list[BaseException | None]: ...
+    async def send_all(
+        self, records: Sequence[OutgoingRecord], one_by_one: bool = False
+    ) -> list[BaseException | None]: ...
 
     async def recover(self) -> None: ...
 
@@ -65,6 +67,7 @@ class TransactionSink(Protocol):
         records: Sequence[OutgoingRecord],
         next_offset: int,
         group_id: str,
+        one_by_one: bool = False,
     ) -> list[BaseException | None]: ...
 
     async def reset(self, tp: TopicPartition) -> None: ...
@@ -89,6 +92,12 @@ def _breaks_producer(error: BaseException) -> bool:
     a new producer would not reach it any sooner.
     """
     return not getattr(error, "retriable", False) and not isinstance(error, KafkaTimeoutError)
+
+
+def _refused_as_a_batch(failed: list[tuple[int, BaseException]], one_by_one: bool) -> bool:
+    """Several records refused together: the broker refuses a whole batch that is over a
+    topic's limit, so each must be sent alone before any is called too large."""
+    return not one_by_one and sum(1 for _, e in failed if refused(e)) > 1
 
 
 def refused(error: BaseException) -> bool:
@@ -278,6 +287,7 @@ class ProduceStep(_Delivery):
         pending = list(range(len(records)))
         attempt = 0
         recover = False
+        one_by_one = False
         while pending:
             if recover:
                 try:
@@ -287,15 +297,18 @@ class ProduceStep(_Delivery):
                     attempt += 1
                     await self._wait(window, attempt, "producer restart failed", error)
                     continue
-            results = await self._sink.send_all([records[i] for i in pending])
+            results = await self._sink.send_all([records[i] for i in pending], one_by_one)
             failed = [(i, e) for i, e in zip(pending, results, strict=True) if e is not None]
             if not failed:
                 break
             attempt += 1
             # Any refusal or lost sequence: a fresh producer, so later records go through.
             recover = any(_breaks_producer(e) for _, e in failed)
-            worth_waiting = self._replace_refused(window, records, failed)
             pending = [i for i, _ in failed]
+            if _refused_as_a_batch(failed, one_by_one):
+                one_by_one = True  # which of them is too large on its own?
+                continue
+            worth_waiting = self._replace_refused(window, records, failed)
             if worth_waiting:
                 await self._wait(window, attempt, "produce failed, retrying", failed[0][1])
         self._events.broker_ok()
@@ -340,10 +353,11 @@ class TransactionalProduceStep(_Delivery):
         next_offset: int,
     ) -> None:
         attempt = 0
+        one_by_one = False
         while True:
             try:
                 results = await self._transactions.deliver(
-                    tp, [records[i] for i in indexes], next_offset, self._group_id
+                    tp, [records[i] for i in indexes], next_offset, self._group_id, one_by_one
                 )
             except ProducerFenced:
                 log.warning(
@@ -365,6 +379,10 @@ class TransactionalProduceStep(_Delivery):
                 return
             # The transaction was aborted: every record of it is sent again in the next one.
             attempt += 1
+            if _refused_as_a_batch(failed, one_by_one):
+                one_by_one = True  # which of them is too large on its own?
+                await self._reset(tp)
+                continue
             worth_waiting = self._replace_refused(window, records, failed)
             await self._wait(
                 window,

@@ -174,7 +174,7 @@ class EnrichStep:
                 failing = [outcomes[i] for i in todo]
                 first = failing[0].error
                 reason = first.reason if first else "unknown"
-                self._holding[window.id] = f"held back: {reason} ({len(failing)} rows failing)"
+                self._holding[window.id] = f"{reason} ({len(failing)} rows failing)"
                 log.warning(
                     "window held back: offsets stay uncommitted",
                     extra={

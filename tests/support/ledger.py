@@ -18,6 +18,10 @@ class Ledger:
     missing: int
     duplicates: int
     missing_examples: tuple[tuple[int, int], ...]
+    # Optional columns; None (printed "-") where a scenario does not measure them.
+    row_errors: int | None = None  # outputs that carry an error instead of a response
+    seconds_to_move_on: float | None = None  # consumer start to the last output or dead letter
+    readyz: str = "-"  # what /readyz said, in a few words
 
 
 LEDGER: list[Ledger] = []
@@ -28,6 +32,10 @@ def account(
     inputs: Sequence[tuple[int, int]],
     outputs: Sequence[Message],
     dead_letters: Sequence[Message] = (),
+    *,
+    row_errors: int | None = None,
+    seconds_to_move_on: float | None = None,
+    readyz: str = "-",
 ) -> Ledger:
     """Match outputs and dead letters to inputs by (source partition, offset)."""
     seen = Counter(m.source for m in [*outputs, *dead_letters])
@@ -41,6 +49,9 @@ def account(
         len(missing),
         duplicates,
         tuple(missing[:5]),
+        row_errors,
+        seconds_to_move_on,
+        readyz,
     )
     LEDGER.append(entry)
     print(f"\n{entry}")

@@ -351,3 +351,17 @@ async def test_each_attempt_is_reported_with_its_number() -> None:
     )
     await caller.call(MESSAGES)
     assert attempts == [("500", 1), ("500", 2), ("200", 3)]
+
+
+async def test_an_error_inside_a_200_is_an_answer_not_a_provider_failure() -> None:
+    """A provider that answers 200 with garbage for one row is up: readiness must not say it
+    is failing (the row itself gets its error)."""
+    server = Server((200, {"error": {"message": "upstream hiccup"}}, {}))
+    client = ChatClient(settings(), post=stub_post(server))
+    limiter = AIMDLimiter(10, 1, 100, clock=SteppingClock())
+    observed = Observed()
+    retry = RetrySettings(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
+    caller = LLMCaller(client, limiter, retry, sleep=Sleeps(), health=observed)
+    result = await caller.call(MESSAGES)
+    assert result.failure is not None and result.failure.status_code == 200
+    assert observed.events == []

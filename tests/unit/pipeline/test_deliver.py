@@ -74,11 +74,15 @@ class FakeSink:
         self.respond = respond
         self.scripted: list[list[Result]] = []
         self.calls: list[list[OutgoingRecord]] = []
+        self.one_by_one: list[bool] = []
         self.recovers = 0
         self.recover_errors: list[BaseException] = []
 
-    async def send_all(self, records: Sequence[OutgoingRecord]) -> list[Result]:
+    async def send_all(
+        self, records: Sequence[OutgoingRecord], one_by_one: bool = False
+    ) -> list[Result]:
         self.calls.append(list(records))
+        self.one_by_one.append(one_by_one)
         if self.scripted:
             results = self.scripted.pop(0)
             assert len(results) == len(records), "script does not match the records sent"
@@ -270,9 +274,11 @@ async def test_one_window_in_flight_the_next_is_rejected_until_it_is_forwarded()
     release = asyncio.Event()
 
     class SlowSink(FakeSink):
-        async def send_all(self, records: Sequence[OutgoingRecord]) -> list[Result]:
+        async def send_all(
+            self, records: Sequence[OutgoingRecord], one_by_one: bool = False
+        ) -> list[Result]:
             await release.wait()
-            return await super().send_all(records)
+            return await super().send_all(records, one_by_one)
 
     p = Produce(SlowSink())
     first, second = encoded(row_item(0)), encoded(row_item(1))
@@ -307,9 +313,11 @@ async def test_join_waits_for_the_window_in_flight_then_joins_the_next_step() ->
     release = asyncio.Event()
 
     class SlowSink(FakeSink):
-        async def send_all(self, records: Sequence[OutgoingRecord]) -> list[Result]:
+        async def send_all(
+            self, records: Sequence[OutgoingRecord], one_by_one: bool = False
+        ) -> list[Result]:
             await release.wait()
-            return await super().send_all(records)
+            return await super().send_all(records, one_by_one)
 
     p = Produce(SlowSink())
     value = encoded(row_item(0))
@@ -326,7 +334,9 @@ async def test_join_waits_for_the_window_in_flight_then_joins_the_next_step() ->
 
 async def test_terminate_cancels_the_delivery_in_flight() -> None:
     class StuckSink(FakeSink):
-        async def send_all(self, records: Sequence[OutgoingRecord]) -> list[Result]:
+        async def send_all(
+            self, records: Sequence[OutgoingRecord], one_by_one: bool = False
+        ) -> list[Result]:
             await asyncio.Event().wait()
             return []
 
@@ -369,6 +379,7 @@ class FakeTransactions:
         self.calls: list[tuple[TopicPartition, list[OutgoingRecord], int, str]] = []
         self.scripted: dict[TopicPartition, list[BaseException | list[Result]]] = {}
         self.resets: list[TopicPartition] = []
+        self.one_by_one: list[bool] = []
 
     async def deliver(
         self,
@@ -376,8 +387,10 @@ class FakeTransactions:
         records: Sequence[OutgoingRecord],
         next_offset: int,
         group_id: str,
+        one_by_one: bool = False,
     ) -> list[Result]:
         self.calls.append((tp, list(records), next_offset, group_id))
+        self.one_by_one.append(one_by_one)
         script = self.scripted.get(tp)
         if script:
             answer = script.pop(0)
@@ -563,3 +576,35 @@ async def test_an_exactly_once_retry_survives_a_broker_outage_during_the_produce
     await t.deliver(encoded(row_item(0)))
     assert broker.commits == 1
     assert t.events.advanced == [TP0]
+
+
+async def test_a_batch_refused_whole_is_sent_one_by_one_so_only_the_large_record_is_replaced() -> (
+    None
+):
+    """The broker refuses a whole batch over a topic's limit: every record of it gets the
+    error, though only one is too large. Sent alone, the others go through as outputs."""
+    p = Produce()
+    too_large = MessageSizeTooLargeError
+    p.sink.scripted = [[too_large(), too_large(), too_large()], [None, too_large(), None]]
+    value = encoded(row_item(0), row_item(1), row_item(2))
+    r0, r1, r2 = value.records
+    delivered = await p.deliver(value)
+    assert p.sink.calls[:2] == [[r0, r1, r2], [r0, r1, r2]]
+    assert p.sink.one_by_one[:2] == [False, True]
+    [replacement] = p.sink.calls[2]
+    assert headers(replacement)["source.offset"] == b"1"
+    assert delivered.records == [r0, replacement, r2]
+    assert p.events.dead_letters == ["output_rejected"]
+
+
+async def test_a_transaction_refused_as_a_batch_is_tried_again_one_record_at_a_time() -> None:
+    t = Transact()
+    value = three_on_two_partitions()
+    r3, r9, r4 = value.records
+    too_large = MessageSizeTooLargeError
+    t.transactions.scripted[TP0] = [[too_large(), too_large()], [None, too_large()]]
+    delivered = await t.deliver(value)
+    assert [call[1] for call in t.transactions.calls[:2]] == [[r3, r4], [r3, r4]]
+    assert t.transactions.one_by_one[:3] == [False, True, True]
+    assert delivered.records[0] is r3 and delivered.records[1] is r9
+    assert headers(delivered.records[2])["dlq.reason"] == b"output_rejected"

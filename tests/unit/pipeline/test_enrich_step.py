@@ -258,7 +258,7 @@ async def test_a_window_failing_everywhere_is_held_until_the_provider_recovers()
     await h.until_forwarded(1)
     assert len(h.enricher.rounds) == down_for + 1
     assert h.sleep.delays == [2.0, 4.0, 8.0, 16.0]  # the hold grows
-    assert reasons == ["held back: retries_exhausted (2 rows failing)"] * down_for
+    assert reasons == ["retries_exhausted (2 rows failing)"] * down_for
     assert h.step.held_back_reason is None  # cleared once it recovered
     outcomes = h.next.submitted[0].outcomes
     assert all(o is not None and o.completion is not None for o in outcomes)
@@ -269,7 +269,7 @@ async def test_a_systemic_failure_holds_the_window_and_reports_why_while_it_wait
     h.sleep.blocking = True
     h.step.submit(window(row_item(0)))
     await spin(lambda: h.sleep.sleeping == 1)
-    assert h.step.held_back_reason == "held back: unauthorized (1 rows failing)"
+    assert h.step.held_back_reason == "unauthorized (1 rows failing)"
     h.step.poll()
     assert h.next.submitted == []
     h.sleep.wake()
