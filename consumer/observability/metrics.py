@@ -15,6 +15,7 @@ Label values known at start are created at 0, so their series exist before the f
 from __future__ import annotations
 
 import time
+from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,6 @@ from consumer.window import CloseReason
 if TYPE_CHECKING:
     from consumer.config import Settings
     from consumer.enrich.outcome import RowOutcome
-    from consumer.llm.client import Completion
     from consumer.llm.limiter import AIMDLimiter
     from consumer.window import Window
 
@@ -54,6 +54,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.provider = settings.llm.provider if settings is not None else "unknown"
         self._started = time.time()
+        self._latency_by_status: dict[tuple[str, str], Histogram] = {}
         self._last_commit = 0.0
         r = self.registry
         self.info = Info(PREFIX, "Version and provider of this consumer.", registry=r)
@@ -270,11 +271,21 @@ class Metrics:
             if item.dead_letter is not None:
                 self.dead_letter(item.dead_letter.reason)
         self.rows_produced.inc(len(outcomes))
+        # Summed per window first: a labels() lookup per row would cost more than the counting.
+        errors: TallyCounter[str] = TallyCounter()
+        tokens: dict[str, list[int]] = {}
         for outcome in outcomes:
             if outcome.error is not None:
-                self.row_errors.labels(outcome.error.reason).inc()
-            if outcome.completion is not None:
-                self.completion(outcome.completion)
+                errors[outcome.error.reason] += 1
+            completion = outcome.completion
+            if completion is not None:
+                used = tokens.setdefault(completion.model, [0, 0])
+                used[0] += completion.usage.prompt_tokens
+                used[1] += completion.usage.completion_tokens
+        for reason, count in errors.items():
+            self.row_errors.labels(reason).inc(count)
+        for model, (prompt, answer) in tokens.items():
+            self.tokens_used(model, prompt, answer)
 
     def cache_lookup(self, hit: bool) -> None:
         self.cache_lookups.labels("hit" if hit else "miss").inc()
@@ -289,11 +300,6 @@ class Metrics:
     def dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(reason).inc()
 
-    def completion(self, completion: Completion) -> None:
-        self.tokens_used(
-            completion.model, completion.usage.prompt_tokens, completion.usage.completion_tokens
-        )
-
     def tokens_used(self, model: str, prompt: int, completion: int) -> None:
         self.tokens.labels(model, "prompt").inc(prompt)
         self.tokens.labels(model, "completion").inc(completion)
@@ -305,7 +311,12 @@ class Metrics:
 
     def llm_attempt(self, provider: str, status: str, seconds: float, attempt: int) -> None:
         """One attempt finished; `attempt` is 1-based, so anything above 1 is a retry."""
-        self.llm_request_seconds.labels(provider, status).observe(seconds)
+        latency = self._latency_by_status.get((provider, status))
+        if latency is None:
+            latency = self._latency_by_status[(provider, status)] = self.llm_request_seconds.labels(
+                provider, status
+            )
+        latency.observe(seconds)
         if attempt > 1:
             self.llm_retries.labels(provider).inc()
         if status == "429":
