@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import sys
 import time
@@ -75,7 +76,7 @@ class Duration:
 
 
 class TimedKeys(Protocol):
-    """The part of a LocalStore a purge selects from."""
+    """The part of a state table a purge selects from."""
 
     def keys_older_than(self, timestamp_ms: int) -> list[bytes]: ...
 
@@ -152,11 +153,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--catch-up-timeout",
-        type=float,
+        type=_seconds_argument,
         metavar="SECONDS",
         help="read the topic to its end for at most this long (default: "
         "llm.cache.catch_up_timeout_s)",
     )
+
+
+def _seconds_argument(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"takes seconds above 0, got {text!r}")
+    return seconds
 
 
 def _duration_argument(text: str) -> Duration:
@@ -173,8 +184,6 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     _require_kafka_backend(settings, args.config, args.cache_command)
-    if args.catch_up_timeout is not None and args.catch_up_timeout <= 0:
-        raise ConfigError(f"--catch-up-timeout takes seconds above 0, got {args.catch_up_timeout}")
     configure_cli_logging()
     command = _stats if args.cache_command == "stats" else _purge
     try:
@@ -248,8 +257,9 @@ def _stats_report(
     catch_up = f"{caught.seconds:.2f} s, {caught.records} records read"
     if not caught.complete:
         catch_up += (
-            f"; stopped after {timeout_s:g} s with {caught.lag} records unread, so the "
-            "figures above are short of the topic (a longer --catch-up-timeout reads on)"
+            f"; stopped after {timeout_s:g} s short of the end (at least {caught.lag} records "
+            "unread): entries and bytes may be short of the topic (a longer --catch-up-timeout "
+            "reads on)"
         )
     rows = [
         ("topic", topic),
@@ -265,32 +275,42 @@ def _stats_report(
 
 async def _end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
     """Each partition's end offset, from clients of our own (the table's are its own)."""
+    try:
+        async with asyncio.timeout(kafka.connect_timeout_s):
+            return await _read_end_offsets(kafka, topic)
+    except TimeoutError:
+        raise CacheCommandFailed(
+            f"the end offsets of {topic} could not be read within {kafka.connect_timeout_s:g} s "
+            "(kafka.connect_timeout_s); check that the brokers are up"
+        ) from None
+
+
+async def _read_end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
     from consumer.kafka.clients import connection_options
 
-    async with asyncio.timeout(kafka.connect_timeout_s):
-        admin = AIOKafkaAdminClient(**connection_options(kafka))
-        await admin.start()
-        try:
-            described = await admin.describe_topics([topic])
-        finally:
-            await admin.close()
-        partitions = [
-            TopicPartition(topic, p["partition"])
-            for entry in described
-            if entry["topic"] == topic
-            for p in entry["partitions"]
-        ]
-        consumer = AIOKafkaConsumer(
-            **connection_options(kafka), group_id=None, enable_auto_commit=False
-        )
-        await consumer.start()
-        try:
-            ends = await consumer.end_offsets(partitions)
-        finally:
-            await consumer.stop()
+    admin = AIOKafkaAdminClient(**connection_options(kafka))
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = [
+        TopicPartition(topic, p["partition"])
+        for entry in described
+        if entry["topic"] == topic
+        for p in entry["partitions"]
+    ]
+    consumer = AIOKafkaConsumer(
+        **connection_options(kafka), group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
     return {tp.partition: int(offset) for tp, offset in ends.items()}
 
 
@@ -303,10 +323,10 @@ async def _purge(settings: Settings, args: argparse.Namespace) -> int:
         if not caught.complete:
             raise CacheCommandFailed(
                 f"the cache topic {table.topic} was not read to its end within {timeout:g} s "
-                f"({caught.lag} records unread): a purge now would miss entries; run it again "
-                "with a longer --catch-up-timeout"
+                f"(at least {caught.lag} records unread): a purge now would miss entries; run it "
+                "again with a longer --catch-up-timeout"
             )
-        selection = select_older_than(_local_store(table), age, time.time())
+        selection = select_older_than(table, age, time.time())
         entries = table.stats().entries
         what = (
             f"{len(selection.keys)} of {entries} entries, last written before "
@@ -340,11 +360,6 @@ async def _purge(settings: Settings, args: argparse.Namespace) -> int:
         )
     print(f"purged {what}: tombstones written to {table.topic}, every replica drops them")
     return 0
-
-
-def _local_store(table: GlobalTable) -> TimedKeys:
-    """The table's store, to list keys by age: GlobalTable has no public way to list keys."""
-    return table._running_store()
 
 
 def _size(count: int) -> str:

@@ -1,4 +1,4 @@
-"""`llm-consumer run | check-config | schemas | publish | tail | fake-llm`.
+"""`llm-consumer run | check-config | schemas | publish | tail | cache | fake-llm`.
 
 Every command that touches Kafka takes `-c settings.yaml`, the file `run` uses, so `publish`
 and `tail` find the same broker, topics and response field without repeating them; flags

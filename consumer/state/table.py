@@ -656,6 +656,10 @@ class GlobalTable:
             last_catch_up=self._last_catch_up,
         )
 
+    def keys_older_than(self, timestamp_ms: int) -> list[bytes]:
+        """Keys last written before `timestamp_ms` (epoch ms), from the local store: for purges."""
+        return self._running_store().keys_older_than(timestamp_ms)
+
     def _running_store(self) -> LocalStore:
         if self._store is None:
             raise RuntimeError(f"state table {self.topic} is not started")

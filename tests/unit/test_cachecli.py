@@ -136,9 +136,12 @@ def test_a_backend_other_than_kafka_is_a_configuration_error(
     assert not (tmp_path / "state").exists(), "refused before anything was opened"
 
 
-def test_a_catch_up_timeout_of_0_is_a_configuration_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "inf", "nan"])
+def test_a_catch_up_timeout_that_is_not_seconds_above_0_is_a_usage_error(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = settings(tmp_path, backend="kafka")
-    assert main(["cache", "stats", "-c", str(path), "--catch-up-timeout", "0"]) == 2
-    assert "--catch-up-timeout takes seconds above 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache", "stats", "-c", str(path), "--catch-up-timeout", value])
+    assert exit_info.value.code == 2
+    assert "--catch-up-timeout: takes seconds above 0" in capsys.readouterr().err
