@@ -295,7 +295,7 @@ async def test_close_during_a_hold_abandons_it_at_once_and_drops_the_windows_beh
     await asyncio.wait_for(h.step.join(Deadline(3600.0, FakeClock())), timeout=5.0)
     assert h.next.submitted == []  # neither the held window nor the finished one behind it
     assert h.next.joins == 1
-    assert h.step.in_flight == 2  # left for terminate (and counted as dropped by the app)
+    assert h.step.in_flight == 2  # left for terminate: their rows go to the next owner
     assert h.step.held_back_reason is None
     h.step.terminate()
     assert h.step.in_flight == 0
