@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 import socket
 import sys
@@ -25,6 +26,7 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from consumer.csvrows import CsvTypes, RowFileError, read_csv
+from consumer.retry import Backoff
 
 # How many conversion errors a refused CSV file lists before "and N more".
 _ERRORS_SHOWN = 5
@@ -159,15 +161,16 @@ async def connected(make: Callable[[], Any], broker: Broker) -> AsyncIterator[An
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + broker.connect_timeout_s
-    delay = 0.2
-    while True:
+    backoff = Backoff(0.2, 2.0)
+    for attempt in itertools.count(1):
         client = make()
         try:
             await asyncio.wait_for(client.start(), max(0.1, deadline - loop.time()))
             break
         except (KafkaConnectionError, TimeoutError):
             await _close(client)
-            if loop.time() + delay >= deadline:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 findings = await _diagnose(broker.bootstrap)
                 raise BrokerUnreachable(
                     f"cannot reach a Kafka broker at {broker.bootstrap} (from {broker.source}), "
@@ -175,8 +178,7 @@ async def connected(make: Callable[[], Any], broker: Broker) -> AsyncIterator[An
                     "broker runs and the address is right (-b, KAFKA_BOOTSTRAP_SERVERS, or "
                     "kafka.bootstrap_servers with -c); --connect-timeout waits longer"
                 ) from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(min(backoff.delay(attempt), remaining))
         except BaseException:
             await _close(client)
             raise

@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 
 from consumer.config import ConfigError, KafkaSettings, StateSettings
 from consumer.kafka.clients import build_producer, connection_options
+from consumer.retry import Backoff
 from consumer.state.store import LocalStore, StateRecord, StoreCorrupt, StoreError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _POLL_MS = 200
 # How often a caught-up reader notes that in the store (see _check_store).
 _SYNC_MARK_S = 60.0
 _TOPIC_EXISTS = 36
-_RETRY_S = (0.2, 0.5, 1.0, 2.0)
+_RETRY = Backoff(0.2, 2.0)
 
 
 class StateTopicError(ConfigError):
@@ -231,16 +232,16 @@ class GlobalTable:
             except BaseException:
                 await self._close_clients()
                 raise
-            delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
             attempt += 1
-            if self._clock() - started + delay >= self._start_timeout_s:
+            remaining = self._start_timeout_s - (self._clock() - started)
+            if remaining <= 0:
                 raise StateUnavailable(
                     f"state topic {self.topic}: cannot reach the Kafka brokers at "
                     f"{self._kafka.bootstrap_servers} within {self._start_timeout_s:g} s "
                     f"({type(last_error).__name__}: {last_error}); check "
                     "kafka.bootstrap_servers and that the brokers are up"
                 ) from last_error
-            await asyncio.sleep(delay)
+            await asyncio.sleep(min(_RETRY.delay(attempt), remaining))
 
     async def _connect_once(
         self,
@@ -462,7 +463,7 @@ class GlobalTable:
                     "state table read failed; reading again from the store's offsets",
                     extra={"topic": self.topic, "error": repr(error), "failures": failures},
                 )
-                await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S)) - 1])
+                await asyncio.sleep(_RETRY.delay(failures))
                 self._seek_to_store(consumer)
 
     def _against_own_writes(self, records: list[StateRecord]) -> list[StateRecord]:
