@@ -1,7 +1,11 @@
 """One row's LLM call: admission through the limiter, attempts, backoff, and the verdict.
 
 The caller owns retries so that each attempt is reported to the limiter on its own: a fast 429
-is congestion, a success is a round trip, a 400 says nothing about capacity. Retries draw on a
+is congestion, a success is a round trip, a 400 says nothing about capacity. A wait hint on an
+overload at capacity (or on a transient error) is this request's own: it sleeps the hint, with
+jitter, outside the limit, while the other rows go on; a hint on a spent rate quota closes the
+limiter's gate for everyone until the reset, so the retry simply waits for admission. Retries
+draw on a
 process-wide retry budget (a share of recent first attempts plus a small floor): during an
 outage a row's retryable failure ends its attempts once the budget is spent, and the window
 hold-back in the runner and app takes over instead of multiplying the load.
@@ -95,12 +99,13 @@ class LLMCaller:
             except LLMFailure as error:  # bigger than the whole token budget: fail fast
                 return CallResult(None, error, attempt - 1)
             reported = False
+            own_wait: float | None = None
             started, status = time.monotonic(), "error"
             try:
                 completion = await self._client.complete(messages)
                 status = "200"
                 used = completion.usage.total_tokens or None
-                self._limiter.on_success(ticket, used)
+                self._limiter.on_success(ticket, used, completion.rate_limits)
                 if self._health is not None:
                     self._health.record_success()
                 reported = True
@@ -111,12 +116,14 @@ class LLMCaller:
                 hint = None
                 if error.retry_after_s is not None:
                     hint = min(error.retry_after_s, self._retry.max_retry_after_s)
-                if error.kind is FailureKind.BACKPRESSURE:
-                    self._limiter.on_congestion(ticket, hint)
+                own_wait = hint
+                if error.kind is FailureKind.BACKPRESSURE and error.quota:
+                    self._limiter.on_quota(ticket, hint, error.rate_limits)
+                    own_wait = None  # the gate holds every request, this one included
+                elif error.kind is FailureKind.BACKPRESSURE:
+                    self._limiter.on_congestion(ticket, error.rate_limits)
                 else:
-                    self._limiter.on_ignore(ticket)
-                    if hint:
-                        self._limiter.defer(hint)
+                    self._limiter.on_ignore(ticket, rate_limits=error.rate_limits)
                 # A 200 is an answer (with an error inside, or garbage): the provider is up.
                 if (
                     self._health is not None
@@ -147,6 +154,8 @@ class LLMCaller:
                     failure.retry_after_s,
                 )
                 return CallResult(None, spent, attempt, retry_budget_exhausted=True)
-            if failure.retry_after_s is None:
+            if own_wait:
+                await self._sleep(self._limiter.hint_delay(own_wait))
+            elif failure.retry_after_s is None:
                 await self._sleep(self._backoff.delay(attempt))
         return CallResult(None, failure, self._retry.max_attempts)

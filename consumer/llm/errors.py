@@ -21,7 +21,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from consumer.llm.ratelimit import RateLimits
 
 
 class FailureKind(StrEnum):
@@ -52,6 +55,10 @@ class LLMFailure(Exception):
         self.message = message
         self.status_code = status_code
         self.retry_after_s = retry_after_s
+        # Set by the client on an HTTP answer: its rate-limit headers, and whether a 429 spent
+        # a rate quota (gate everyone until the reset) rather than met capacity (cut the limit).
+        self.rate_limits: RateLimits | None = None
+        self.quota = False
 
     def __repr__(self) -> str:
         return f"LLMFailure({self.kind}, {self.reason!r}, status={self.status_code})"

@@ -15,12 +15,32 @@ Decisions, and why:
   Only while the limit is actually in use, so the idle tail of a window does not inflate it.
 - Multiplicative decrease once per congestion event: a request that was admitted before the
   last decrease belongs to the overload that decrease already answered, so it cannot cut again.
-- Round-trip samples only from successful attempts, per attempt. With `latency_signal` on, a
-  sample above `latency_tolerance` x the observed minimum (of an EWMA of samples) counts as
-  congestion, for servers that queue instead of answering 429 (vLLM).
-- A limiter-wide "not before" time from Retry-After hints, with jitter, and a ramp after it:
-  the permits come back over `retry_after_jitter` x the hint, so waiting requests do not come
-  back as a herd.
+  The cut starts from the requests in flight (the limit may have run ahead of them while
+  climbing), but from no lower than one cut of the limit, so one event takes at most two cuts'
+  worth (with one request in flight, a proxy refusing for its own reasons, three 429s used to
+  take the limit from 16 to 1).
+- Two kinds of overload (consumer/llm/ratelimit.py tells them apart). At capacity (503, 529, a
+  plain 429) the limit is cut and only the request that got the hint waits it, with jitter
+  (`hint_delay`): the requests in flight still succeed, and a limiter-wide gate for a 1 s hint
+  idled everything about 20 times a minute. A spent rate quota gates every admission until
+  its reset (`on_quota`), since nobody gets in before it; it does not cut the limit, which
+  measures concurrency.
+- Pacing by the provider's rate-limit headers (`QuotaPacer`): the announced requests and tokens
+  per minute, at the level of the provider's remaining count, with no budget configured.
+- Round-trip samples only from successful attempts, per attempt. Servers that queue instead of
+  answering 429 (vLLM, llama.cpp, Ollama) are read from the shape of latency against
+  concurrency, not from latency as such (`QueueProbe`): the throughput (level / round trip) is
+  kept per level of requests in flight, and a level that adds less than 1 / latency_tolerance
+  (half, by default) of the throughput an extra parallel request would (`L / (L - 1)`) only
+  lengthens a queue, so the limit steps down below it, and climbs only where a level still
+  pays. CPU batching slows each
+  request as more are served, which read as congestion in the old "round trip above 2x the
+  minimum" rule and put the limit below the slot count. `latency_signal` None (the default)
+  runs it until the provider sends rate-limit headers (hosted APIs meter by quota and do not
+  queue this way); True always; False never.
+- The quota gate is a limiter-wide "not before" time, with jitter, and a ramp after it: the
+  permits come back over `retry_after_jitter` x the hint, so waiting requests do not come back
+  as a herd.
 - Optional RPM and TPM token buckets: a request is admitted when a permit, a request token and
   its estimated tokens are all available; the estimate is reconciled with the usage reported.
   A request that can never fit fails fast (`exceeds_token_budget`), it never waits forever.
@@ -41,6 +61,7 @@ from dataclasses import dataclass
 from consumer.config import ConcurrencySettings
 from consumer.llm.budgets import RetryBudget, TokenBucket
 from consumer.llm.errors import FailureKind, LLMFailure
+from consumer.llm.ratelimit import QuotaPacer, RateLimits
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +74,9 @@ _RTT_FLOOR_DRIFT_PER_S = 0.01
 _MIN_WAKE_S = 0.001
 # The RPM bucket holds 10 s worth of requests: Azure enforces RPM over 1 s / 10 s sub-windows.
 _RPM_BURST_S = 10.0
+# Queue detection: samples per level before a verdict; how long a level's latency stays known.
+_QUEUE_MIN_SAMPLES = 4
+_QUEUE_STALE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,10 @@ class Ticket:
     # The permits when it was admitted: whether the limit was in use is judged against the
     # limit of that moment, since a climbing limit doubles its increase every round trip.
     permits_at_admission: int = 0
+    # Admissions (and their tokens) before this one, so a reply's remaining count can be
+    # corrected by what was sent after it.
+    seq: int = 0
+    tokens_before: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,95 @@ class LimiterState:
     rpm_tokens: float | None = None
     tpm_tokens: float | None = None
     retry_budget_tokens: float | None = None
+    # What the provider's rate-limit headers announced (per minute), and the pacer's levels.
+    learnt_rpm: float | None = None
+    learnt_tpm: float | None = None
+    quota_gates: int = 0
+
+
+class QueueProbe:
+    """Throughput per level of requests in flight, to find the level past which more
+    concurrency only queues at the server.
+
+    Samples are the round trips of requests admitted with the limit full (in flight == the
+    permits), kept as an EWMA per level and forgotten after `_QUEUE_STALE_S`, so a level found
+    useless is probed again later. The probe takes over from the AIMD increase ("engaged")
+    only while latency grows with the level the way a queue makes it grow: against the lowest
+    level known, faster than (level ratio) ^ (1 / tolerance). A server that answers 429 at a
+    fixed latency never engages it. One verdict per round trip's worth of samples at a level.
+    """
+
+    def __init__(self, tolerance: float) -> None:
+        self._share = 1.0 / tolerance
+        self._levels: dict[int, tuple[float, int, float]] = {}  # level -> (ewma, n, at)
+        self._count = 0
+        # engaged: latency grows like a queue's, the probe steps the limit; holds: the level
+        # above is known not to pay, so the limit does not climb into it.
+        self.engaged = False
+        self.holds = False
+        # The lowest level found not to pay (the slot count + 1, for a queueing server).
+        self.knee: int | None = None
+
+    def _rtt(self, level: int, now: float) -> float | None:
+        found = self._levels.get(level)
+        if found is None or found[1] < _QUEUE_MIN_SAMPLES or now - found[2] > _QUEUE_STALE_S:
+            return None
+        return found[0]
+
+    def _pays(self, level: int, now: float) -> bool | None:
+        """Whether `level` gives at least `1 / tolerance` of the extra throughput of one more
+        parallel request over `level - 1` (None: not known)."""
+        upper, lower = self._rtt(level, now), self._rtt(level - 1, now)
+        if upper is None or lower is None or level < 2 or upper <= 0 or lower <= 0:
+            return None
+        gain = (level / upper) / ((level - 1) / lower)
+        return gain >= 1.0 + self._share / (level - 1)
+
+    def record(self, ticket: Ticket, rtt: float, now: float, permits: int) -> int:
+        """Add a sample; the verdict, once per round trip's worth of samples at the limit:
+        < 0 step down that many levels, 1 step up, 0 stay (or no verdict yet)."""
+        level = ticket.in_flight_at_admission
+        if level != ticket.permits_at_admission or rtt <= 0:
+            return 0  # admitted below the limit: says nothing about it
+        ewma, n, _ = self._levels.get(level, (rtt, 0, now))
+        ewma = ewma + _RTT_EWMA_ALPHA * (rtt - ewma) if n else rtt
+        self._levels[level] = (ewma, n + 1, now)
+        below = [lvl for lvl in self._levels if lvl < level and self._rtt(lvl, now) is not None]
+        base_level = min(below) if below else None
+        base = self._rtt(base_level, now) if base_level is not None else None
+        if n + 1 >= _QUEUE_MIN_SAMPLES:
+            self.engaged = (
+                base_level is not None
+                and base is not None
+                and ewma / base >= (level / base_level) ** self._share
+            )
+        if level != permits:
+            return 0  # the limit moved since: no verdict on the new one yet
+        self._count += 1
+        if self._count < max(_QUEUE_MIN_SAMPLES, level):
+            return 0
+        self._count = 0
+        here, above = self._pays(level, now), self._pays(level + 1, now)
+        if here is False and self.engaged:  # (noise alone can make a level look unpaid)
+            self.knee = level if self.knee is None else min(self.knee, level)
+        elif here is True and self.knee is not None and level >= self.knee:
+            self.knee = None  # the server serves more at once now: find its new knee
+        self.holds = self.driving and above is False and here is True
+        if not self.driving:
+            return 0
+        near_knee = self.knee is not None and level >= self.knee - 1
+        if here is False or (here is None and level > 1 and (self.engaged or near_knee)):
+            # This level only queues, or the one below is unknown and this one may: step down,
+            # by half the queue Vegas would estimate, L (1 - base rtt / rtt), while it is long.
+            queue = level * (1.0 - (base or ewma) / ewma)
+            return -max(1, round(queue / 2))
+        return 0 if self.holds else 1  # stay below a level that does not pay, else try one up
+
+    @property
+    def driving(self) -> bool:
+        """The probe moves the limit (not the AIMD increase): a queue shows now, or a level
+        past which requests only queued is known."""
+        return self.engaged or self.knee is not None
 
 
 class AIMDLimiter:
@@ -98,7 +215,7 @@ class AIMDLimiter:
         *,
         probe_step: float | None = 0.05,
         fast_climb: bool = True,
-        latency_signal: bool = False,
+        latency_signal: bool | None = None,
         latency_tolerance: float = 2.0,
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
@@ -118,7 +235,7 @@ class AIMDLimiter:
         self._clock = clock
         self._rng = rng
         self._latency_signal = latency_signal
-        self._latency_tolerance = latency_tolerance
+        self._queue_probe = QueueProbe(latency_tolerance) if latency_signal is not False else None
         self._in_flight = 0
         self._last_decrease_at = -math.inf
         self._ceiling: float | None = None
@@ -128,6 +245,10 @@ class AIMDLimiter:
         self._rtt_ewma: float | None = None
         self._rtt_floor: float | None = None
         self._rtt_floor_at = 0.0
+        self._pacer = QuotaPacer()
+        self._admitted = 0
+        self._admitted_tokens = 0.0
+        self._quota_gates = 0
         now = clock()
         self._rpm = (
             TokenBucket(requests_per_minute / 60.0, max(1.0, requests_per_minute / 6.0), now)
@@ -194,6 +315,9 @@ class AIMDLimiter:
             rpm_tokens=self._rpm.level(now) if self._rpm else None,
             tpm_tokens=self._tpm.level(now) if self._tpm else None,
             retry_budget_tokens=self.retry_budget.tokens(now) if self.retry_budget else None,
+            learnt_rpm=self._pacer.rates()[0],
+            learnt_tpm=self._pacer.rates()[1],
+            quota_gates=self._quota_gates,
         )
 
     # ---- admission ------------------------------------------------------------------------
@@ -218,8 +342,14 @@ class AIMDLimiter:
             self._rpm.take(1.0, now)
         if self._tpm is not None and tokens:
             self._tpm.take(float(tokens), now)
+        self._pacer.take(tokens, now)
         self._in_flight += 1
-        return Ticket(now, self._in_flight, tokens, self.permits)
+        ticket = Ticket(
+            now, self._in_flight, tokens, self.permits, self._admitted, self._admitted_tokens
+        )
+        self._admitted += 1
+        self._admitted_tokens += tokens
+        return ticket
 
     async def acquire(self, tokens: int = 0, *, retry: bool = False) -> Ticket:
         """Wait for admission, in FIFO order, retries first. Raises LLMFailure if `tokens` can
@@ -244,33 +374,90 @@ class AIMDLimiter:
 
     # ---- feedback -------------------------------------------------------------------------
 
-    def on_success(self, ticket: Ticket, used_tokens: int | None = None) -> None:
+    def on_success(
+        self, ticket: Ticket, used_tokens: int | None = None, rate_limits: RateLimits | None = None
+    ) -> None:
         """A completed attempt: a round-trip sample; grow the limit if it held traffic back."""
         now = self._clock()
         self._in_flight -= 1
         self._reconcile(ticket, used_tokens, now)
+        self.observe(ticket, rate_limits, now)
         rtt = now - ticket.admitted_at
-        if self._latency_signal and self._queueing(rtt, now):
-            self._decrease(ticket, now, f"latency {rtt:.3f}s > {self._latency_tolerance}x min")
-        else:
-            self._increase(ticket)
         self._record_rtt(rtt, now)
+        probe = self._queue_probe
+        if probe is not None and rate_limits is not None and self._latency_signal is None:
+            probe = self._queue_probe = None  # a hosted API announcing its quota: no queue
+        if probe is None:
+            self._increase(ticket)
+        else:
+            step = probe.record(ticket, rtt, now, self.permits)
+            if probe.driving and step:
+                # a queue showed: the probe walks the limit, a level or half a queue at a time
+                before = self.permits
+                self._limit = float(max(self._min, min(self._max, before + step)))
+                self._decreases += step < 0
+                self._ceiling = None
+                log.debug("limiter: queue probe %d -> %d", before, self.permits)
+            elif not probe.holds and not probe.driving:
+                self._increase(ticket)
         self._wake()
 
-    def on_congestion(self, ticket: Ticket, retry_after_s: float | None = None) -> None:
-        """A 429, 503, timeout...: cut once per event, and honour the server's wait hint."""
+    def on_congestion(self, ticket: Ticket, rate_limits: RateLimits | None = None) -> None:
+        """At capacity (a 429, 503, 529, a timeout): cut once per event. The wait hint is the
+        request's own (`hint_delay`): the others go on."""
+        now = self._clock()
         self._in_flight -= 1
-        self._decrease(ticket, self._clock(), "congestion")
-        if retry_after_s is not None and retry_after_s > 0:
-            self.defer(retry_after_s)
+        self.observe(ticket, rate_limits, now)
+        self._decrease(ticket, now, "congestion")
         self._wake()
 
-    def on_ignore(self, ticket: Ticket | None = None, used_tokens: int | None = None) -> None:
+    def on_quota(
+        self, ticket: Ticket, wait_s: float | None, rate_limits: RateLimits | None = None
+    ) -> None:
+        """A spent rate quota: no cut (it is not concurrency), every admission waits for the
+        reset (the hint, else the reset of the spent limit)."""
+        now = self._clock()
+        self._in_flight -= 1
+        self.observe(ticket, rate_limits, now)
+        if wait_s is None and rate_limits is not None:
+            wait_s = rate_limits.reset_of_exhausted()
+        if wait_s is not None and wait_s > 0:
+            if now + wait_s > self._not_before:  # a new gate, not one already answered
+                self._quota_gates += 1
+                self._pacer.back_off(rate_limits, now)
+            self.defer(wait_s)
+        self._wake()
+
+    def on_ignore(
+        self,
+        ticket: Ticket | None = None,
+        used_tokens: int | None = None,
+        rate_limits: RateLimits | None = None,
+    ) -> None:
         """An attempt that says nothing about capacity (a 400, a transient 500, a pool wait)."""
         self._in_flight -= 1
-        if ticket is not None and used_tokens is not None:
-            self._reconcile(ticket, used_tokens, self._clock())
+        if ticket is not None:
+            now = self._clock()
+            if used_tokens is not None:
+                self._reconcile(ticket, used_tokens, now)
+            self.observe(ticket, rate_limits, now)
         self._wake()
+
+    def observe(self, ticket: Ticket, rate_limits: RateLimits | None, now: float) -> None:
+        """Learn the provider's quota and where it stands from a reply's rate-limit headers."""
+        if rate_limits is None:
+            return
+        self._pacer.observe(
+            rate_limits,
+            now,
+            self._admitted - ticket.seq - 1,
+            self._admitted_tokens - ticket.tokens_before - ticket.tokens,
+        )
+
+    def hint_delay(self, seconds: float) -> float:
+        """The wait of the one request that got a capacity hint: the hint plus jitter, so the
+        requests refused together do not come back together."""
+        return seconds * (1.0 + self._jitter * self._rng())
 
     def defer(self, seconds: float) -> None:
         """Hold every admission until `seconds` from now (plus jitter), then ramp back in."""
@@ -322,10 +509,13 @@ class AIMDLimiter:
             return  # part of the event the last cut already answered
         before = self._limit
         # Where the overload showed: the requests in flight when it was answered, this one
-        # included. The limit may have run ahead of that while climbing.
+        # included (the limit may have run ahead of that while climbing, and refused rows
+        # waiting out their hints hold no permit). The cut starts there, but from no lower than
+        # one cut of the limit: one event takes at most two cuts' worth, so a proxy refusing a
+        # lone request for its own reasons cannot take the limit to the floor at once.
         level = min(before, float(self._in_flight + 1))
         self._ceiling = level
-        self._limit = max(float(self._min), level * self._factor)
+        self._limit = max(float(self._min), max(level, before * self._factor) * self._factor)
         self._climb_gain = 1.0
         self._last_decrease_at = now
         self._decreases += 1
@@ -344,13 +534,11 @@ class AIMDLimiter:
         self._rtt_floor = ewma if floor is None else min(floor, ewma)
         self._rtt_floor_at = now
 
-    def _queueing(self, rtt: float, now: float) -> bool:
-        floor = self._rtt_floor
-        return floor is not None and floor > 0 and rtt > self._latency_tolerance * floor
-
     def _reconcile(self, ticket: Ticket, used_tokens: int | None, now: float) -> None:
-        if self._tpm is not None and used_tokens is not None and ticket.tokens:
-            self._tpm.adjust(float(ticket.tokens - used_tokens), now)
+        if used_tokens is not None and ticket.tokens:
+            if self._tpm is not None:
+                self._tpm.adjust(float(ticket.tokens - used_tokens), now)
+            self._pacer.reconcile(float(ticket.tokens - used_tokens), now)
 
     def _permits_now(self, now: float) -> int:
         """The permits, ramped up linearly over the re-entry spread after a Retry-After gate."""
@@ -367,6 +555,8 @@ class AIMDLimiter:
             until = max(until, now + self._rpm.seconds_until(1.0, now))
         if self._tpm is not None and tokens:
             until = max(until, now + self._tpm.seconds_until(float(tokens), now))
+        if self._pacer.learnt:
+            until = max(until, now + self._pacer.seconds_until(tokens, now))
         return until
 
     # ---- waking ---------------------------------------------------------------------------

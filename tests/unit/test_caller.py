@@ -194,21 +194,36 @@ async def test_a_timeout_is_congestion() -> None:
     assert limiter.state().decreases == 1
 
 
-async def test_no_sleep_when_a_retry_after_hint_was_given() -> None:
+async def test_a_capacity_429_hint_is_waited_by_that_request_alone() -> None:
     server = Server(error(429, headers={"retry-after": "3"}), ok())
     caller, limiter, sleeps = make(server)
     result = await caller.call(MESSAGES)
     assert result.attempts == 2
-    assert sleeps.delays == []  # the limiter's gate does the waiting
+    assert len(sleeps.delays) == 1
+    assert 3.0 <= sleeps.delays[0] <= 3.0 * 1.2  # the hint plus jitter, outside the limit
     assert limiter.state().decreases == 1
+    assert limiter.state().not_before_in_s == 0.0  # no gate: the other rows go on
 
 
-async def test_a_retry_after_on_a_transient_error_also_gates_instead_of_sleeping() -> None:
+async def test_a_quota_429_gates_everyone_instead_of_sleeping_and_does_not_cut() -> None:
+    spent = {"retry-after": "3", "x-ratelimit-limit-requests": "60"}
+    spent["x-ratelimit-remaining-requests"] = "0"
+    server = Server(error(429, headers=spent), ok())
+    caller, limiter, sleeps = make(server)
+    result = await caller.call(MESSAGES)
+    assert result.attempts == 2
+    assert sleeps.delays == []  # the limiter's gate did the waiting
+    assert limiter.state().decreases == 0
+    assert limiter.state().quota_gates == 1
+    assert limiter.state().learnt_rpm == pytest.approx(60 * 0.7)  # a smaller share after it
+
+
+async def test_a_retry_after_on_a_transient_error_is_waited_by_that_request() -> None:
     server = Server(error(500, headers={"retry-after-ms": "200"}), ok())
     caller, limiter, sleeps = make(server)
     result = await caller.call(MESSAGES)
     assert result.attempts == 2
-    assert sleeps.delays == []
+    assert len(sleeps.delays) == 1 and 0.2 <= sleeps.delays[0] <= 0.24
     assert limiter.state().decreases == 0
 
 
@@ -240,10 +255,19 @@ async def test_a_long_retry_after_hint_is_capped_at_max_retry_after() -> None:
     limiter = AIMDLimiter(10, 1, 100, clock=lambda: clock_now[0], rng=lambda: 0.0)
     retry = RetrySettings(max_attempts=1, max_retry_after_s=5.0)
     hint = LLMFailure(FailureKind.BACKPRESSURE, "rate_limited", "slow down", 429, 3600.0)
+    hint.quota = True
     caller = LLMCaller(StandIn(hint), limiter, retry, sleep=Sleeps(), rng=lambda: 0.0)  # type: ignore[arg-type]
     result = await caller.call(MESSAGES)
     assert result.attempts == 1
     assert limiter.state().not_before_in_s == pytest.approx(5.0)
+    # at capacity the same cap holds for the request's own wait
+    sleeps = Sleeps()
+    busy = LLMFailure(FailureKind.BACKPRESSURE, "overloaded", "busy", 503, 3600.0)
+    retry = RetrySettings(max_attempts=2, max_retry_after_s=5.0)
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: clock_now[0], rng=lambda: 0.0)
+    caller = LLMCaller(StandIn(busy), limiter, retry, sleep=sleeps, rng=lambda: 0.0)  # type: ignore[arg-type]
+    await caller.call(MESSAGES)
+    assert sleeps.delays == [5.0]
 
 
 async def test_an_unexpected_exception_releases_the_permit_and_propagates() -> None:

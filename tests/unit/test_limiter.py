@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 
@@ -12,6 +14,7 @@ from consumer.config import ConcurrencySettings
 from consumer.llm.budgets import RetryBudget
 from consumer.llm.errors import FailureKind, LLMFailure
 from consumer.llm.limiter import AIMDLimiter, Ticket
+from consumer.llm.ratelimit import Quota, RateLimits
 
 
 class FakeClock:
@@ -42,6 +45,7 @@ def limiter(
         rng=lambda: rng,
         probe_step=None,
         fast_climb=False,
+        latency_signal=False,
     )
 
 
@@ -116,15 +120,30 @@ def test_multiplicative_decrease_by_the_factor() -> None:
 
 
 def test_the_cut_starts_from_the_level_in_flight_when_the_overload_showed() -> None:
-    """A 429 with 6 in flight under a limit of 20: the capacity is about 6, not 20."""
+    """A 429 with 6 in flight under a limit of 10: the capacity is about 6, not 10."""
     clock = FakeClock()
-    lim = limiter(initial=20, factor=0.5, clock=clock)
+    lim = limiter(initial=10, factor=0.5, clock=clock)
     tickets = [lim.try_acquire() for _ in range(6)]
     clock.now = 1.0
     assert tickets[0] is not None
     lim.on_congestion(tickets[0])
     assert lim.state().ceiling == 6.0
     assert lim.limit == 3.0
+
+
+def test_one_event_cuts_at_most_two_cuts_worth_however_few_are_in_flight() -> None:
+    """One request at a time refused three times (a proxy's own 429s): 16 x 0.64^3 = 4.2,
+    not 16 -> 1."""
+    clock = FakeClock()
+    lim = limiter(initial=16, factor=0.8, clock=clock)
+    for attempt in range(3):
+        clock.now = float(attempt)
+        ticket = lim.try_acquire()
+        assert ticket is not None
+        clock.now += 0.5
+        lim.on_congestion(ticket)
+    assert lim.limit == pytest.approx(16 * 0.64**3)
+    assert lim.state().decreases == 3
 
 
 def test_congestion_from_requests_admitted_before_the_last_decrease_cuts_only_once() -> None:
@@ -157,7 +176,7 @@ def test_a_request_admitted_after_the_decrease_cuts_again() -> None:
     lim.on_congestion(stale)  # admitted at 0, before the decrease at 1: no cut
     assert lim.limit == 4.0
     lim.on_congestion(fresh)  # admitted at 2, after the decrease: a new event
-    assert lim.limit == 1.0  # the minimum: only `fresh` was in flight when it was answered
+    assert lim.limit == 1.0  # two cuts' worth: only `fresh` was in flight when answered
     assert lim.state().decreases == 2
 
 
@@ -182,12 +201,30 @@ def test_the_limit_never_goes_above_the_maximum() -> None:
     assert len(in_flight) == 5
 
 
-def test_retry_after_closes_the_gate_until_the_hint_passes_without_jitter() -> None:
+def test_a_capacity_overload_cuts_but_never_closes_the_gate() -> None:
+    """The hint of a 429 at capacity is the refused request's own: the others go on."""
+    clock = FakeClock(0.0)
+    lim = limiter(initial=10, factor=0.5, clock=clock, rng=1.0, jitter=0.2)
+    tickets = fill(lim)
+    clock.now = 1.0
+    lim.on_congestion(tickets[0])
+    assert lim.state().not_before_in_s == 0.0
+    assert lim.limit == 5.0
+    for ticket in tickets[1:6]:
+        lim.on_success(ticket)
+    assert lim.try_acquire() is not None  # admitted at once, under the cut limit
+    assert lim.hint_delay(2.0) == pytest.approx(2.4)  # the refused one waits hint + jitter
+
+
+def test_a_spent_quota_gates_everyone_until_the_reset_and_does_not_cut() -> None:
     clock = FakeClock(0.0)
     lim = limiter(initial=10, clock=clock, rng=0.0)
     ticket = lim.try_acquire()
     assert ticket is not None
-    lim.on_congestion(ticket, retry_after_s=2)
+    lim.on_quota(ticket, 2.0)
+    assert lim.limit == 10.0
+    assert lim.state().decreases == 0
+    assert lim.state().quota_gates == 1
     assert lim.state().not_before_in_s == pytest.approx(2.0)
     clock.now = 1.99
     assert lim.try_acquire() is None
@@ -195,12 +232,22 @@ def test_retry_after_closes_the_gate_until_the_hint_passes_without_jitter() -> N
     assert lim.try_acquire() is not None
 
 
+def test_a_quota_gate_without_a_hint_lasts_until_the_reset_of_the_spent_limit() -> None:
+    clock = FakeClock(0.0)
+    lim = limiter(initial=10, clock=clock, rng=0.0)
+    ticket = lim.try_acquire()
+    assert ticket is not None
+    spent = RateLimits(Quota(100, 0, 3.0), Quota(10_000, 500, 0.5))
+    lim.on_quota(ticket, None, spent)
+    assert lim.state().not_before_in_s == pytest.approx(3.0)
+
+
 def test_retry_after_jitter_extends_the_gate_by_at_most_the_jitter_fraction() -> None:
     clock = FakeClock(0.0)
     lim = limiter(initial=10, clock=clock, rng=1.0, jitter=0.2)
     ticket = lim.try_acquire()
     assert ticket is not None
-    lim.on_congestion(ticket, retry_after_s=2)
+    lim.on_quota(ticket, 2.0)
     clock.now = 2.39
     assert lim.try_acquire() is None
     clock.now = 2.4
@@ -496,22 +543,69 @@ def test_latency_signal_off_by_default_ignores_slow_answers() -> None:
     assert lim.state().decreases == 0
 
 
-def test_latency_signal_cuts_once_when_answers_queue() -> None:
+class QueueServer:
+    """A server with `slots` that queues the rest; each request slows 5 % per request served."""
+
+    def __init__(self, slots: int, base: float = 0.1, slowdown: float = 0.05) -> None:
+        self.slots, self.base, self.slowdown = slots, base, slowdown
+
+    def round_trip(self, in_flight: int) -> float:
+        served = min(in_flight, self.slots)
+        service = self.base * (1 + self.slowdown * served)
+        return service * max(1.0, in_flight / self.slots)
+
+
+def closed_loop(
+    lim: AIMDLimiter, clock: FakeClock, rtt_at: Callable[[int], float], n: int
+) -> list[int]:
+    """Keep the limit full for `n` completions, each lasting `rtt_at(in flight at admission)`;
+    the permits after each completion."""
+    pending: list[tuple[float, int, Ticket]] = []
+    order = itertools.count()
+    seen = []
+    for _ in range(n):
+        for ticket in fill(lim):
+            heapq.heappush(
+                pending, (clock.now + rtt_at(lim.state().in_flight), next(order), ticket)
+            )
+        done_at, _, ticket = heapq.heappop(pending)
+        clock.now = done_at
+        lim.on_success(ticket)
+        seen.append(lim.permits)
+    return seen
+
+
+def test_latency_signal_settles_at_a_queueing_servers_slot_count() -> None:
+    """From 16, far above 4 slots: the limit steps down to the slot count, where one more
+    request no longer pays, not below it as "latency above 2x the minimum" did with CPU
+    batching."""
     clock = FakeClock()
-    lim = AIMDLimiter(10, 1, 100, decrease_factor=0.5, clock=clock, latency_signal=True)
-    for _ in range(5):
-        ticket = lim.try_acquire()
-        assert ticket is not None
-        clock.now += 0.1
-        lim.on_success(ticket)
-    assert lim.state().decreases == 0
-    slow = [lim.try_acquire() for _ in range(3)]
-    clock.now += 0.35  # 3.5 x the floor: the server is queueing
-    for ticket in slow:
-        assert ticket is not None
-        lim.on_success(ticket)
-    assert lim.state().decreases == 1  # three slow answers of one event: one cut
-    assert lim.limit == 0.5 * 3  # from the three in flight when the queueing showed
+    lim = AIMDLimiter(16, 1, 64, clock=clock, latency_signal=True)
+
+    def queue_server(in_flight: int) -> float:  # 4 slots, each request 5 % slower per one served
+        service = 0.1 * (1 + 0.05 * min(in_flight, 4))
+        return service * max(1.0, in_flight / 4)
+
+    seen = closed_loop(lim, clock, queue_server, 5000)
+    assert set(seen[-1000:]) <= {3, 4, 5}, seen[-50:]  # within one slot, probing either side
+    assert seen[-1000:].count(4) > 0.9 * 1000
+
+
+def test_latency_signal_stays_out_of_the_way_of_a_server_that_does_not_queue() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(4, 1, 64, clock=clock, latency_signal=True)
+    closed_loop(lim, clock, lambda in_flight: 0.1, 3000)  # the same latency at any level
+    assert lim.permits == 64
+
+
+def test_latency_signal_by_default_stops_once_a_provider_announces_its_quota() -> None:
+    clock = FakeClock()
+    lim = AIMDLimiter(8, 1, 64, clock=clock)
+    ticket = lim.try_acquire()
+    assert ticket is not None and lim._queue_probe is not None
+    clock.now = 0.1
+    lim.on_success(ticket, None, RateLimits(Quota(600, 599, 0.1)))
+    assert lim._queue_probe is None
 
 
 # ---- Retry-After re-entry ramp -------------------------------------------------------------

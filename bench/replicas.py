@@ -1,0 +1,212 @@
+"""Many replicas, one provider: N real consumer processes in one group against one fake LLM.
+
+    .venv/bin/python bench/replicas.py [--replicas 3] [--schedule 10:15,24:20,12:20,36:20]
+        [--rpm 6000] [--latency-ms 200] [--retry-after-s 1.0] [--no-plot]
+
+The fake has a moving concurrency capacity (429 at capacity with a Retry-After hint) and a fixed
+request quota announced in OpenAI's x-ratelimit-* headers (a quota 429 beyond it); no budget is
+configured in the consumers. The schedule starts once every replica has finished a window
+(start-up and group joins are not measured), and its first segment is a warm-up, left out of
+the figures too. Reported: the total goodput against the nominal (the
+capacity / latency integrated over the measured time, at most rpm / 60 per second of it), each
+replica's rows and
+share, Jain's fairness index of the per-replica goodput, the 429s (capacity and quota) and the
+limit traces (the `limit` of each replica's `window done` log lines), with a plot.
+It starts a local broker (KAFKA_BOOTSTRAP_SERVERS is honoured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from consumer.fake_llm.config import parse_capacity_schedule  # noqa: E402
+from tests.support.fake_llm_process import fake_llm_process  # noqa: E402
+from tests.support.kafka_broker import kafka_broker  # noqa: E402
+from tests.support.pipeline import (  # noqa: E402
+    ConsumerProcess,
+    Topics,
+    create_topics,
+    publish,
+    rows_to_messages,
+    settings_file,
+)
+
+PLOT = ROOT / "bench" / "results" / "issue-13-replicas.png"
+
+
+def capacity_at(t: float, schedule: list[tuple[int, float]]) -> int:
+    for cap, secs in schedule:
+        if t < secs:
+            return cap
+        t -= secs
+    return schedule[-1][0]
+
+
+def nominal_rows(
+    schedule: list[tuple[int, float]], rpm: int, latency_s: float, start: float, end: float
+) -> float:
+    """The rows the provider can answer over [start, end): the integral of capacity / latency
+    (0.1 s steps), and at most the quota's rpm / 60 per second over the whole span (the quota
+    is a sliding minute: a span of capacity below it leaves room for more later)."""
+    total, t = 0.0, start
+    while t < end:
+        total += capacity_at(t, schedule) / latency_s * 0.1
+        t += 0.1
+    return min(total, rpm / 60.0 * (end - start)) if rpm else total
+
+
+def jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if any(values) else 0.0
+
+
+def windows_of(process: ConsumerProcess) -> list[tuple[float, int, float]]:
+    """(epoch seconds, rows, limit) of each `window done` line."""
+    out = []
+    for line in process.log_lines():
+        if line.get("msg") == "window done":
+            ts = datetime.datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()
+            out.append((ts, int(line["rows"]), float(line["limit"])))
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    schedule = parse_capacity_schedule(args.schedule)
+    duration = sum(secs for _, secs in schedule)
+    warmup = schedule[0][1]
+    latency_s = args.latency_ms / 1000
+    workdir = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
+    peak = max(cap for cap, _ in schedule) / latency_s
+    if args.rpm:
+        peak = min(peak, args.rpm / 60)
+    rows = int(peak * duration * 1.3) + 1000
+    with kafka_broker() as broker:
+        topics = Topics.unique("bench-replicas")
+        partitions = max(6, 2 * args.replicas)
+        await create_topics(broker.bootstrap, [topics.input, topics.output], partitions)
+        data = [{"id": i, "text": f"review {i}: the product was fine"} for i in range(rows)]
+        await publish(broker.bootstrap, topics.input, rows_to_messages(data))
+        server = ["--latency-ms", str(args.latency_ms), "--jitter-ms", "0"]
+        server += ["--retry-after-s", str(args.retry_after_s), "--rpm", str(args.rpm)]
+        with fake_llm_process(*server) as llm:
+            settings = settings_file(
+                workdir,
+                broker.bootstrap,
+                llm.base_url,
+                topics,
+                window={"max_messages": 256, "max_wait_ms": 500, "max_pending_windows": 2},
+                llm={"concurrency": {"initial": 16, "min": 1, "max": 128}},
+                logging={"format": "json", "level": "INFO"},
+            )
+            llm.configure(capacity=schedule[0][0])
+            replicas = [
+                ConsumerProcess(settings, workdir / f"replica-{i}.log").start()
+                for i in range(args.replicas)
+            ]
+            try:
+                # The schedule starts once every member has finished a window: start-up and
+                # group joins are not what this measures.
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    if all(windows_of(replica) for replica in replicas):
+                        break
+                    await asyncio.sleep(0.5)
+                llm.configure(capacity_schedule=args.schedule)
+                llm.reset()
+                t0 = time.time()
+                await asyncio.sleep(duration)
+                stats = llm.stats()
+            finally:
+                for replica in replicas:
+                    replica.stop(timeout_s=20)
+    start, end = t0 + warmup, t0 + duration
+    traces = [windows_of(replica) for replica in replicas]
+    per_replica = [
+        sum(n for ts, n, _ in trace if start <= ts < end) / (end - start) for trace in traces
+    ]
+    nominal = nominal_rows(schedule, args.rpm, latency_s, warmup, duration) / (end - start)
+    result = {
+        "replicas": args.replicas,
+        "schedule": args.schedule,
+        "rpm": args.rpm,
+        "latency_ms": args.latency_ms,
+        "retry_after_s": args.retry_after_s,
+        "total_rows_per_s": sum(per_replica),
+        "nominal_rows_per_s": nominal,
+        "goodput": sum(per_replica) / nominal,
+        "per_replica_rows_per_s": per_replica,
+        "shares": [x / sum(per_replica) if sum(per_replica) else 0.0 for x in per_replica],
+        "jain": jain(per_replica),
+        "requests": stats["requests"],
+        "by_status": stats["by_status"],
+        "share_429": stats["rejected_429"] / max(1, stats["requests"]),
+        "workdir": str(workdir),
+    }
+    if not args.no_plot:
+        plot(traces, schedule, t0, args, result)
+    return result
+
+
+def plot(
+    traces: list[list[tuple[float, int, float]]],
+    schedule: list[tuple[int, float]],
+    t0: float,
+    args: argparse.Namespace,
+    result: dict[str, Any],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    duration = sum(secs for _, secs in schedule)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = [i / 10 for i in range(int(duration * 10))]
+    ax.step(xs, [capacity_at(x, schedule) for x in xs], "k-", where="post", label="capacity")
+    if args.rpm:
+        quota_level = args.rpm / 60 * args.latency_ms / 1000
+        ax.axhline(quota_level, color="grey", ls=":", label="quota x latency")
+    for i, trace in enumerate(traces):
+        ax.plot([ts - t0 for ts, _, _ in trace], [lim for _, _, lim in trace], ".-", label=f"r{i}")
+    ax.set_xlabel("s")
+    ax.set_ylabel("limit (concurrent requests)")
+    ax.set_title(
+        f"{args.replicas} replicas: goodput {result['goodput']:.2f} of nominal, "
+        f"Jain {result['jain']:.2f}, 429s {100 * result['share_429']:.1f} %"
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=90)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--schedule", default="10:15,24:20,12:20,36:20")
+    parser.add_argument("--rpm", type=int, default=6000)
+    parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--retry-after-s", type=float, default=1.0)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    for key, value in result.items():
+        if isinstance(value, float):
+            value = round(value, 3)
+        elif isinstance(value, list):
+            value = [round(v, 3) for v in value]
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
