@@ -107,6 +107,32 @@ def prompt_tokens(messages: list[Any]) -> int:
     return math.ceil(chars / 4) + 4 * len(messages)
 
 
+class PrefixCache:
+    """Which prompt prefixes were seen, in blocks of `block` tokens (4 characters a token)."""
+
+    def __init__(self, block: int, max_prefixes: int = 1_000_000) -> None:
+        self.block = block
+        self._max = max_prefixes
+        self._seen: set[int] = set()
+
+    def cached_tokens(self, messages: list[Any]) -> int:
+        """Tokens of the longest block-aligned prefix seen before; this prompt's are noted."""
+        if self.block <= 0:
+            return 0
+        if len(self._seen) > self._max:  # bounded memory: forget, like an evicting cache
+            self._seen.clear()
+        text = "\x00".join(message_text(message) for message in messages)
+        step = self.block * 4
+        cached = 0
+        for end in range(step, len(text) + 1, step):
+            key = hash(text[:end])
+            if key in self._seen:
+                cached = end // 4
+            else:
+                self._seen.add(key)
+        return cached
+
+
 def completion_tokens(content: str) -> int:
     return max(1, math.ceil(len(content) / 4))
 
@@ -150,3 +176,25 @@ def go_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes}m{text}"
     return f"{minutes}m{text}" if minutes else text
+
+
+# Directives that spoil the answer itself: a 200 that is not what the prompt asked for, as a
+# small model answers (for answer validation). `untidy` is right once normalised.
+ANSWER_FAULTS = frozenset({"wrong", "untidy"})
+
+
+def spoiled_answer(
+    fault: str, text: str, mode: Literal["sentiment", "echo"], json_mode: bool
+) -> str:
+    """`wrong`: a sentence around the label (JSON: a lower-case label and a word for the
+    confidence, breaking an enum and a number type); `untidy`: the label in lower case with
+    surrounding whitespace."""
+    label, _ = sentiment(text)
+    if fault == "untidy":
+        right = answer(text, mode, json_mode)
+        return f"  {right if json_mode or mode == 'echo' else label.lower()}\n"
+    if json_mode:
+        return orjson.dumps({"sentiment": label.lower(), "confidence": "high"}).decode()
+    if mode == "echo":
+        return f"Sure! Here is the text: {text}"
+    return f"The sentiment of this review is {label.lower()}."
