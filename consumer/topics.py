@@ -1,9 +1,15 @@
-"""The user's side of the topics: publish a file of rows, read the enriched output back.
+"""The topics: publish a file of rows, read the enriched output back, check them at start.
 
 Both commands talk to a broker a person just named, so a broker that does not answer is the
 common first failure: clients start with bounded retries, the failure becomes one
 `BrokerUnreachable` that says what was tried and what to check, and every client is closed
 however the command ends (no "Unclosed AIOKafkaProducer" at exit).
+
+Nothing here creates a topic by reading it. A metadata request that names a topic creates it
+on a broker with auto.create.topics.enable (aiokafka asks for that), so an input topic
+subscribed to before it existed got 1 partition and a later `publish -p 3` did nothing. So
+existence is asked with requests that name no topic, and a topic is subscribed to only once
+it exists.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import shutil
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,15 +29,23 @@ from typing import Any, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from consumer.config import KafkaSettings, Settings
 from consumer.csvrows import CsvTypes, RowFileError, read_csv
+from consumer.kafka.clients import connection_options
 from consumer.retry import Backoff
+
+log = logging.getLogger("consumer.topics")
 
 # How many conversion errors a refused CSV file lists before "and N more".
 _ERRORS_SHOWN = 5
 _PROBE_TIMEOUT_S = 2.0
+# How often a missing topic is looked for: a consumer or `tail --expect` started first notices
+# it this soon after it is created.
+_TOPIC_POLL_S = 1.0
+_STILL_WAITING_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,17 @@ class Broker:
         return str(self.options["bootstrap_servers"])
 
 
+def start_broker(kafka: KafkaSettings) -> Broker:
+    """The consumer's own broker, as `run` reaches it (with its SASL/SSL options)."""
+    return Broker(connection_options(kafka), "kafka.bootstrap_servers", kafka.connect_timeout_s)
+
+
 class BrokerUnreachable(Exception):
     """No client could start within the connect timeout; the message is one line to act on."""
+
+
+class TopicError(Exception):
+    """A topic is missing or could not be created; the message names it and what to do."""
 
 
 @dataclass(frozen=True)
@@ -188,16 +212,116 @@ async def connected(make: Callable[[], Any], broker: Broker) -> AsyncIterator[An
         await _close(client)
 
 
-async def ensure_topic(broker: Broker, topic: str, partitions: int) -> bool:
-    """Create the topic if it does not exist; True when it was created."""
-    async with connected(lambda: AIOKafkaAdminClient(**broker.options), broker) as admin:
-        try:
-            await admin.create_topics(
-                [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
-            )
-        except TopicAlreadyExistsError:
-            return False
+def admin_client(broker: Broker) -> Callable[[], AIOKafkaAdminClient]:
+    return lambda: AIOKafkaAdminClient(**broker.options)
+
+
+async def partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
+    """Every topic's partition count, from a metadata request that names no topic (one that
+    names a missing topic would create it)."""
+    described = await admin.describe_topics()
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def create_topic(
+    admin: AIOKafkaAdminClient,
+    topic: str,
+    partitions: int,
+    replication_factor: int | None = None,
+    configs: Mapping[str, object] | None = None,
+) -> bool:
+    """Create the topic; True if created, False if it existed, `TopicError` for any refusal.
+
+    The broker answers a refusal (a replication factor above the broker count, a bad config
+    value, no permission) in the response rather than as an exception, so it is read there.
+    """
+    rf = replication_factor or -1  # -1: the broker's default.replication.factor
+    new = NewTopic(
+        topic,
+        partitions,
+        rf,
+        replica_assignments={} if rf == -1 else None,  # aiokafka wants exactly one of them
+        topic_configs={name: str(value) for name, value in (configs or {}).items()},
+    )
+    response = await admin.create_topics([new])
+    _, code, *message = response.topic_errors[0]
+    if code == 0:
         return True
+    if code == TopicAlreadyExistsError.errno:
+        return False
+    said = (message[0] if message else None) or "no message"
+    raise TopicError(f"cannot create topic {topic}: {for_code(code).__name__}: {said}")
+
+
+async def ensure_topic(broker: Broker, topic: str, partitions: int) -> int | None:
+    """Create the topic with `partitions` if it is missing; None when it was created, else the
+    partition count it already had (Kafka does not change it)."""
+    async with connected(admin_client(broker), broker) as admin:
+        if await create_topic(admin, topic, partitions):
+            return None
+        return (await partition_counts(admin)).get(topic)
+
+
+async def check_topics(
+    settings: Settings,
+    broker: Broker,
+    beat: Callable[[], None],
+    stopping: asyncio.Event,
+) -> None:
+    """At `run` start, before subscribing: wait for the input topic, then check the output and
+    dead-letter topics (and create them if `topics.create_missing`).
+
+    The wait calls `beat()` (liveness: waiting is not hanging) and ends early when `stopping`
+    is set; with `topics.input_wait_s` it gives up with a `TopicError` after that long.
+    """
+    kafka, wanted = settings.kafka, settings.topics
+    loop = asyncio.get_running_loop()
+    async with connected(admin_client(broker), broker) as admin:
+        counts = await partition_counts(admin)
+        started = loop.time()
+        note_at = started
+        missing_at_start = kafka.input_topic not in counts
+        while kafka.input_topic not in counts:
+            waited = loop.time() - started
+            if wanted.input_wait_s is not None and waited >= wanted.input_wait_s:
+                raise TopicError(
+                    f"input topic {kafka.input_topic} does not exist (waited "
+                    f"{wanted.input_wait_s:g} s, topics.input_wait_s): create it (llm-consumer "
+                    "publish FILE -c SETTINGS -p PARTITIONS creates it with that many "
+                    "partitions) or check kafka.input_topic"
+                )
+            if loop.time() >= note_at:
+                log.warning(
+                    "input topic does not exist; waiting for it (create it, or check "
+                    "kafka.input_topic): it is not created here",
+                    extra={"topic": kafka.input_topic, "waited_s": round(waited)},
+                )
+                note_at = loop.time() + _STILL_WAITING_EVERY_S
+            beat()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), _TOPIC_POLL_S)
+            if stopping.is_set():
+                return
+            counts = await partition_counts(admin)
+        if missing_at_start:
+            log.info(
+                "input topic found",
+                extra={"topic": kafka.input_topic, "partitions": counts[kafka.input_topic]},
+            )
+        for topic in dict.fromkeys((kafka.output_topic, kafka.dead_letter_topic)):
+            if topic in counts:
+                continue
+            if not wanted.create_missing:
+                log.warning(
+                    "topic does not exist: the broker creates it on the first write (with its "
+                    "defaults) only if auto.create.topics.enable is on; topics.create_missing: "
+                    "true creates it here with the input's partition count",
+                    extra={"topic": topic},
+                )
+                continue
+            partitions = wanted.partitions or counts[kafka.input_topic]
+            await create_topic(admin, topic, partitions, wanted.replication_factor, wanted.configs)
+            log.info("topic created", extra={"topic": topic, "partitions": partitions})
 
 
 async def publish(
@@ -216,7 +340,14 @@ async def publish(
     """
     rows = list(read_rows(path, key_field, csv_types))
     if partitions:
-        await ensure_topic(broker, topic, partitions)
+        existing = await ensure_topic(broker, topic, partitions)
+        if existing is not None and existing != partitions:
+            print(
+                f"note: topic {topic} already exists with {existing} partition(s); -p "
+                f"{partitions} changes nothing (kafka-topics.sh --alter --partitions adds "
+                "partitions, and moves keys to other partitions)",
+                file=sys.stderr,
+            )
 
     def make() -> AIOKafkaProducer:
         return AIOKafkaProducer(**broker.options, acks="all", enable_idempotence=True, linger_ms=10)
@@ -296,6 +427,8 @@ async def tail(
             metadata_max_age_ms=1000,
         )
 
+    if not await _wait_for_topic(broker, topic, follow or expect is not None, gives_up_at):
+        return 0
     count = 0
     async with connected(make, broker) as consumer:
         end: dict[TopicPartition, int] = {}
@@ -326,6 +459,26 @@ async def tail(
                 positions = [await consumer.position(tp) for tp in assigned]
                 if all(pos >= end[tp] for pos, tp in zip(positions, assigned, strict=True)):
                     return count
+
+
+async def _wait_for_topic(
+    broker: Broker, topic: str, wait: bool, gives_up_at: float | None
+) -> bool:
+    """Whether the topic exists, asked without creating it. With `wait` (`tail -f` or
+    `--expect` started before the consumer's first output) it is looked for until it exists
+    or `gives_up_at`; without, a missing topic is a `TopicError`."""
+    loop = asyncio.get_running_loop()
+    async with connected(admin_client(broker), broker) as admin:
+        while topic not in await admin.list_topics():
+            if not wait:
+                raise TopicError(
+                    f"topic {topic} does not exist at {broker.bootstrap} (from {broker.source}); "
+                    "-f or --expect waits for it"
+                )
+            if gives_up_at is not None and loop.time() >= gives_up_at:
+                return False
+            await asyncio.sleep(_TOPIC_POLL_S)
+    return True
 
 
 def _print_message(

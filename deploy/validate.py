@@ -2,14 +2,19 @@
 
 - Kubernetes manifests: the JSON schemas bundled by `kubernetes-validate` (strict: unknown fields
   fail), hand-written schema subsets for KEDA's ScaledObject/TriggerAuthentication and the
-  Prometheus Operator's PrometheusRule, and cross-file checks (selectors, probes on the
-  configured port, graceful termination longer than the shutdown grace, the ConfigMap's
-  settings valid for this version of the consumer, alerts only on exported metrics and on every
-  readiness check, CRD-only kinds kept out of kustomization.yaml).
+  Prometheus Operator's PrometheusRule and ServiceMonitor, and cross-file checks (selectors,
+  probes on the configured port, graceful termination longer than the shutdown grace, a rollout
+  that cannot stall, the settings of the ConfigMap that kustomization.yaml generates valid for
+  this version of the consumer, alerts only on exported metrics and on every readiness check,
+  CRD-only kinds and example Secrets kept out of kustomization.yaml, no placeholder Secret in
+  it).
 - compose.yaml: the compose-spec JSON schema vendored by `check-jsonschema`, plus the demo's
   shape (apache/kafka in KRaft mode, fake LLM, one-shot publisher, consumer).
-- Dockerfile: parsed with `dockerfile-parse`: multi-stage, slim base, non-root USER, no build
-  tools in the final stage, `llm-consumer` entry point running `run`.
+- Dockerfile: parsed with `dockerfile-parse`: multi-stage, a slim base pinned to a patch release
+  or digest, the dependencies installed from requirements.lock with hashes (and pip fetching
+  nothing else), non-root USER, no build tools in the final stage, `llm-consumer` entry point
+  running `run`. requirements.lock: every dependency of pyproject.toml pinned with hashes.
+- compose.yaml's Kafka is the version of the local broker (deploy/kafka/pom.xml).
 - Grafana dashboard: valid JSON whose queries only use metric names the consumer exports (the
   same query check as the alert rules).
 
@@ -191,7 +196,11 @@ PROMETHEUS_API = "monitoring.coreos.com/v1"
 # Optional kinds whose CRD a cluster may not have: `kubectl apply -k` would fail on them, so
 # their files stay out of kustomization.yaml and are applied on their own. (KEDA's CRDs are not
 # optional: the deployment needs its ScaledObject.)
-APPLIED_SEPARATELY = {"PrometheusRule"}
+APPLIED_SEPARATELY = {"PrometheusRule", "ServiceMonitor"}
+# Files to copy and fill in (the Secret with placeholders): never in kustomization.yaml, where
+# `kubectl apply -k` would overwrite the real values with the placeholders.
+EXAMPLE_SUFFIX = ".example.yaml"
+PLACEHOLDER = "replace-me"
 # The readiness checks of /readyz as gauges: each needs an alert, or a reason goes unnoticed.
 ALERTED_METRICS = (
     "llm_consumer_ready",
@@ -259,6 +268,51 @@ PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
 }
 
 
+# The part of the ServiceMonitor CRD (monitoring.coreos.com/v1) this one uses.
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": PROMETHEUS_API},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "required": ["matchLabels"],
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": _STRING_MAP},
+                },
+                "namespaceSelector": {"type": "object"},
+                "jobLabel": {"type": "string"},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["port"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
+                            "honorLabels": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 def _rel(path: Path) -> str:
     try:
         return str(path.relative_to(ROOT))
@@ -302,6 +356,11 @@ def check_kubernetes(problems: Problems, directory: Path = DEPLOY / "k8s") -> No
         if kind == "PrometheusRule":
             alerts |= check_prometheus_rule(problems, where, doc)
             continue
+        if kind == "ServiceMonitor":
+            for error in jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA).iter_errors(doc):
+                path = "/".join(map(str, error.absolute_path))
+                problems.check(False, f"{where} ServiceMonitor {path}", error.message)
+            continue
         if doc.get("apiVersion") == KEDA_API:
             schema = KEDA_SCHEMAS.get(kind)
             if schema is None:
@@ -319,12 +378,13 @@ def check_kubernetes(problems: Problems, directory: Path = DEPLOY / "k8s") -> No
         except kubernetes_validate.SchemaNotFoundError as error:
             problems.check(False, where, str(error))
     problems.check(kustomization is not None, "deploy/k8s", "no kustomization.yaml")
+    examples = {name for name in files if name.endswith(EXAMPLE_SUFFIX)}
     if kustomization is not None:
         where, doc = kustomization
         listed = set(doc.get("resources", []))
-        expected = files - {"kustomization.yaml"} - separate
+        expected = files - {"kustomization.yaml"} - separate - examples
         problems.check(
-            listed - separate == expected,
+            listed - separate - examples == expected,
             where,
             f"resources {sorted(listed)} differ from the files {sorted(expected)}",
         )
@@ -334,12 +394,77 @@ def check_kubernetes(problems: Problems, directory: Path = DEPLOY / "k8s") -> No
             f"{sorted(listed & separate)} must stay out of resources: `kubectl apply -k` fails "
             "on a cluster without their CRD (apply them on their own)",
         )
+        problems.check(
+            not listed & examples,
+            where,
+            f"{sorted(listed & examples)} must stay out of resources: `kubectl apply -k` would "
+            "overwrite the real values with the example's placeholders",
+        )
+        for name in sorted(listed - examples):
+            check_no_placeholders(problems, directory / name)
+        for generated in check_config_map_generator(problems, where, doc, directory):
+            by_kind.setdefault("ConfigMap", []).append(generated)
     check_kubernetes_consistency(problems, by_kind)
     rules = by_kind.get("PrometheusRule")
     problems.check(rules, "deploy/k8s", "needs a PrometheusRule with the consumer's alerts")
     for metric in ALERTED_METRICS:
         alerted = any(re.search(rf"\b{metric}\b", expr) for expr in alerts.values())
         problems.check(not rules or alerted, "deploy/k8s", f"no alert on {metric}")
+
+
+def check_no_placeholders(problems: Problems, path: Path) -> None:
+    """A Secret applied by `apply -k` must not carry placeholders: it would replace the real one."""
+    if not path.is_file():
+        return
+    for document in yaml.safe_load_all(path.read_text()):
+        if not isinstance(document, dict) or document.get("kind") != "Secret":
+            continue
+        values = {**document.get("stringData", {}), **document.get("data", {})}
+        placeholders = sorted(k for k, v in values.items() if PLACEHOLDER in str(v))
+        problems.check(
+            not placeholders,
+            _rel(path),
+            f"Secret {document['metadata']['name']} has {PLACEHOLDER} values {placeholders} and "
+            f"is applied by `kubectl apply -k`: ship it as *{EXAMPLE_SUFFIX}, outside resources",
+        )
+
+
+def check_config_map_generator(
+    problems: Problems, where: str, kustomization: dict[str, Any], directory: Path
+) -> list[dict[str, Any]]:
+    """The ConfigMaps `configMapGenerator` makes, as kustomize would (keys: file basenames), so
+    the cross-file checks read the settings the pods get. Every file must exist."""
+    generated: list[dict[str, Any]] = []
+    for entry in kustomization.get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for source in entry.get("files", []):
+            key, _, file = str(source).rpartition("=")
+            path = directory / file
+            problems.check(path.is_file(), where, f"configMapGenerator file {file} is missing")
+            if path.is_file():
+                data[key or Path(file).name] = path.read_text()
+        labels = entry.get("options", {}).get("labels", {})
+        generated.append({"metadata": {"name": entry["name"], "labels": labels}, "data": data})
+    return generated
+
+
+def check_service_monitor(
+    problems: Problems, monitor: dict[str, Any], service: dict[str, Any]
+) -> None:
+    where = "deploy/k8s/servicemonitor.yaml"
+    wanted = monitor["spec"]["selector"].get("matchLabels", {})
+    labels = service["metadata"].get("labels", {})
+    problems.check(
+        wanted and all(labels.get(k) == v for k, v in wanted.items()),
+        where,
+        "selector does not match the metrics Service's labels",
+    )
+    names = {port.get("name") for port in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        problems.check(
+            endpoint["port"] in names, where, f"port {endpoint['port']} is not a Service port"
+        )
+        problems.check(endpoint.get("path", "/metrics") == "/metrics", where, "path /metrics")
 
 
 def check_prometheus_rule(problems: Problems, where: str, doc: dict[str, Any]) -> dict[str, str]:
@@ -391,7 +516,16 @@ def check_kubernetes_consistency(
     secrets = {s["metadata"]["name"]: s for s in by_kind.get("Secret", [])}
     if not (deployment and configmap and service and pdb and scaled):
         return
-    where = "deploy/k8s/configmap.yaml"
+    for monitor in by_kind.get("ServiceMonitor", []):
+        check_service_monitor(problems, monitor, service)
+    rolling = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
+    problems.check(
+        str(rolling.get("maxUnavailable", "25%")) not in ("0", "0%"),
+        "deploy/k8s/deployment.yaml",
+        "maxUnavailable 0 stalls a rollout: a new pod is not ready while a provider outage "
+        "holds its windows back, so no old pod is ever replaced",
+    )
+    where = "deploy/k8s/config/settings.yaml"
     settings: Settings | None = None
     raw = yaml.safe_load(configmap["data"].get("settings.yaml", "{}"))
     env = {k: "x" for s in secrets.values() for k in s.get("stringData", {})}
@@ -517,6 +651,12 @@ def compose_schema() -> dict[str, Any]:
     return schema
 
 
+def local_kafka_version(pom: Path = DEPLOY / "kafka" / "pom.xml") -> str | None:
+    """The Kafka version deploy/kafka/kafka.sh runs (the tests' broker)."""
+    found = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom.read_text())
+    return found.group(1) if found else None
+
+
 def check_compose(problems: Problems, path: Path = DEPLOY / "compose.yaml") -> None:
     where = _rel(path)
     doc = yaml.safe_load(path.read_text())
@@ -531,6 +671,13 @@ def check_compose(problems: Problems, path: Path = DEPLOY / "compose.yaml") -> N
         return
     kafka = services["kafka"]
     problems.check(str(kafka.get("image", "")).startswith("apache/kafka:"), where, "apache/kafka")
+    local = local_kafka_version()
+    problems.check(
+        kafka.get("image") == f"apache/kafka:{local}",
+        where,
+        f"kafka image {kafka.get('image')} is not the local broker's version {local} "
+        "(deploy/kafka/pom.xml): the demo in containers and the tests would run different Kafkas",
+    )
     env = kafka.get("environment", {})
     problems.check(
         "controller" in str(env.get("KAFKA_PROCESS_ROLES", "")), where, "Kafka in KRaft mode"
@@ -587,6 +734,12 @@ def check_dockerfile(problems: Problems, path: Path = DEPLOY / "Dockerfile") -> 
     problems.check(
         base.startswith("python:") and "slim" in base, where, f"final base {base} is not slim"
     )
+    problems.check(
+        _PINNED_IMAGE.search(base),
+        where,
+        f"base {base} is not pinned: name a patch release (python:3.11.11-slim-...) or a digest",
+    )
+    check_locked_install(problems, where, instructions)
     users = [i["value"].strip() for i in final if i["instruction"] == "USER"]
     problems.check(users, where, "the final stage needs a USER")
     if users:
@@ -619,6 +772,64 @@ def check_dockerfile(problems: Problems, path: Path = DEPLOY / "Dockerfile") -> 
         if instruction["instruction"] == "COPY" and "--from=" not in instruction["value"]:
             for source in instruction["value"].split()[:-1]:
                 problems.check((ROOT / source).exists(), where, f"COPY source {source} missing")
+
+
+_PINNED_IMAGE = re.compile(r":\d+\.\d+\.\d+[-\w.]*(@sha256:[0-9a-f]{64})?$|@sha256:[0-9a-f]{64}$")
+_LOCK_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", re.MULTILINE)
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def check_locked_install(
+    problems: Problems, where: str, instructions: list[dict[str, Any]]
+) -> None:
+    """The image installs the lock with hashes and the package without dependencies, and pip
+    fetches nothing else (no `pip install --upgrade pip`, no build isolation)."""
+    runs = " ".join(i["value"] for i in instructions if i["instruction"] == "RUN")
+    problems.check(
+        re.search(r"pip install --require-hashes\b.*-r requirements\.lock", runs),
+        where,
+        "install the dependencies with pip install --require-hashes -r requirements.lock",
+    )
+    problems.check(
+        re.search(r"pip install --no-deps --no-build-isolation\b[^&]*\s\.(\s|$)", runs),
+        where,
+        "install the package with pip install --no-deps --no-build-isolation .",
+    )
+    problems.check(
+        "--upgrade pip" not in runs, where, "upgrading pip fetches an unpinned pip from the index"
+    )
+    copied = " ".join(i["value"] for i in instructions if i["instruction"] == "COPY")
+    problems.check("requirements.lock" in copied, where, "COPY requirements.lock")
+
+
+def check_lock(
+    problems: Problems, lock: Path = ROOT / "requirements.lock", project: Path = ROOT
+) -> None:
+    """Every dependency and build requirement of pyproject.toml pinned with hashes."""
+    import tomllib
+
+    where = _rel(lock)
+    if not lock.is_file():
+        problems.check(False, where, "missing: generate it (see its header in git history)")
+        return
+    text = lock.read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text)
+    pinned: dict[str, str] = {}
+    for entry in entries:
+        match = _LOCK_ENTRY.match(entry)
+        if match is None:
+            continue
+        name = _normalized(match.group(1))
+        pinned[name] = match.group(2)
+        problems.check("--hash=sha256:" in entry, where, f"{name} has no hash")
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    wanted = [*pyproject["project"]["dependencies"], *pyproject["build-system"]["requires"]]
+    for requirement in wanted:
+        name = _normalized(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0])
+        problems.check(name in pinned, where, f"{requirement} (pyproject.toml) is not locked")
 
 
 # ---- Grafana ---------------------------------------------------------------------------------
@@ -683,6 +894,7 @@ def check_grafana(problems: Problems, directory: Path = DEPLOY / "grafana") -> N
 
 def validate() -> list[str]:
     problems = Problems()
+    check_lock(problems)
     check_dockerfile(problems)
     check_compose(problems)
     check_kubernetes(problems)
