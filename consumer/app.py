@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections import deque
 
 from consumer.config import Settings
@@ -32,7 +33,9 @@ from consumer.observability import (
 )
 from consumer.parts import build_parts, start_parts, stop_parts
 from consumer.pipeline import Chain, Deadline, Rejected, Wakeup, build_chain
+from consumer.progress import ProgressLine
 from consumer.records import SourceRecord, TopicPartition
+from consumer.topics import check_topics, start_broker
 from consumer.window import CloseReason
 
 log = logging.getLogger("consumer")
@@ -90,7 +93,10 @@ class ConsumerApp:
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
-            log.info("stop requested: finishing the windows in flight, then committing")
+            log.info(
+                "stop requested: finishing the windows in flight (no new one starts), "
+                "then committing"
+            )
             self._stopping.set()
             self._wakeup.set()
 
@@ -101,6 +107,11 @@ class ConsumerApp:
         failed = False
         try:
             await start_parts(self._parts)
+            # Subscribed only once the input topic exists: subscribing to a missing one would
+            # create it with the broker's defaults (1 partition).
+            await check_topics(
+                self.settings, start_broker(kafka), self.observability.beat, self._stopping
+            )
             self._source.subscribe(kafka.input_topic, self._on_assigned, self._on_revoked)
             log.info(
                 "consuming",
@@ -128,6 +139,7 @@ class ConsumerApp:
                 "rows_consumed": tally.consumed,
                 "rows_finished": tally.finished,
                 "rows_left_for_next_owner": max(0, tally.consumed - tally.finished),
+                "cost_usd": round(tally.cost_usd, 6),
             },
         )
         return 1 if failed else 0
@@ -215,6 +227,9 @@ class ConsumerApp:
         if self._fetch is not None and self._fetch.done():
             self._fetch = None  # fetched for the old assignment: read again after the next one
         if chain is not None:
+            if reason is CloseReason.SHUTDOWN:
+                # A stop starts no new window: only the windows already being enriched finish.
+                chain.windowing.drop_unstarted()
             chain.windowing.close_reason(reason)
             chain.first.close()
             try:
@@ -238,10 +253,21 @@ class ConsumerApp:
         return dropped
 
 
-async def run_app(settings: Settings) -> int:
-    """Run with SIGTERM/SIGINT wired to a graceful stop."""
+async def run_app(settings: Settings, progress: bool = False) -> int:
+    """Run with SIGTERM/SIGINT wired to a graceful stop; `progress`: the live line on stderr
+    and the run's summary at exit (`consumer/progress.py`)."""
     app = ConsumerApp(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
-    return await app.run()
+    if not progress:
+        return await app.run()
+    line = ProgressLine(app.metrics.registry, sys.stderr, sys.stderr.isatty())
+    drawing = asyncio.create_task(line.run(), name="progress")
+    try:
+        return await app.run()
+    finally:
+        drawing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drawing
+        line.finish()

@@ -1,4 +1,5 @@
-"""`llm-consumer run | check-config | schemas | publish | tail | cache | fake-llm`.
+"""`llm-consumer run | check-config | schemas | publish | estimate | tail | replay | offsets |
+cache | batches | fake-llm`.
 
 Every command that touches Kafka takes `-c settings.yaml`, the file `run` uses, so `publish`
 and `tail` find the same broker, topics and response field without repeating them; flags
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from consumer import __version__, cachecli
+from consumer import __version__, batchcli, cachecli
 from consumer.config import ConfigError, Settings, load_settings
 from consumer.csvrows import COLUMN_TYPES, ColumnType, CsvTypes, RowFileError, parse_csv_types
 from consumer.enrich.template import PromptTemplate
@@ -66,8 +67,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from consumer.observability.logs import configure_logging
 
     settings, _ = _load(args.config)
-    configure_logging(settings.logging.level, settings.logging.format)
-    return asyncio.run(run_app(settings))
+    logs = settings.logging
+    level = args.log_level or logs.level
+    if args.progress and args.log_level is None and sys.stderr.isatty():
+        level = "WARNING"  # the live line, not a log line per window, unless asked for
+    configure_logging(
+        level, args.log_format or logs.format, logs.library_level, logs.library_repeat_s
+    )
+    return asyncio.run(run_app(settings, progress=args.progress))
 
 
 def _check_config_path(args: argparse.Namespace) -> Path:
@@ -166,6 +173,27 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    """A dry run: render every row, estimate tokens and cost; no broker, no provider."""
+    import orjson
+
+    from consumer.estimate import estimate
+
+    settings = load_settings(args.config)
+    result = estimate(
+        settings,
+        args.file,
+        output_tokens=args.output_tokens,
+        csv_types=_csv_types(args),
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if args.json:
+        print(orjson.dumps(result.as_dict()).decode())
+    else:
+        print(result.text())
+    return 0
+
+
 def _cmd_tail(args: argparse.Namespace) -> int:
     from consumer.observability.logs import configure_cli_logging
     from consumer.topics import tail
@@ -205,6 +233,35 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     return cachecli.run(args)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from consumer import offsetscli
+    from consumer.observability.logs import configure_cli_logging
+
+    settings = _settings_for_topics(args)
+    if settings is None:
+        _usage_error(args, "replay reads the output or dead-letter topic of -c settings.yaml")
+    if args.template_hash and args.what != "errors":
+        _usage_error(args, "--template-hash selects error rows: replay errors --template-hash H")
+    configure_cli_logging()
+    return asyncio.run(offsetscli.replay(args, settings, _broker(args, settings)))
+
+
+def _cmd_offsets(args: argparse.Namespace) -> int:
+    from consumer import offsetscli
+    from consumer.observability.logs import configure_cli_logging
+
+    settings = _settings_for_topics(args)
+    if settings is None and not (args.group and args.topic):
+        _usage_error(args, "give -c settings.yaml, or --group GROUP and -t TOPIC")
+    if args.reset is not None:
+        try:
+            offsetscli.reset_target(args.reset)
+        except argparse.ArgumentTypeError as error:
+            _usage_error(args, str(error))
+    configure_cli_logging()
+    return asyncio.run(offsetscli.offsets(args, settings, _broker(args, settings)))
 
 
 def _cmd_fake_llm(args: argparse.Namespace) -> int:
@@ -261,6 +318,16 @@ def _add_kafka_options(parser: argparse.ArgumentParser, topic_help: str) -> None
     )
 
 
+def offsetscli_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """The flags of `replay` and `offsets` (imported here: aiokafka costs `--help` time)."""
+    from consumer import offsetscli
+
+    if command == "replay":
+        offsetscli.add_replay_arguments(parser)
+    else:
+        offsetscli.add_offsets_arguments(parser)
+
+
 def _subcommand(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
 ) -> argparse.ArgumentParser:
@@ -284,6 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
     run = _subcommand(commands, "run", "consume, enrich, produce, commit")
     run.add_argument(
         "-c", "--config", type=Path, required=True, metavar="FILE", help="settings YAML file"
+    )
+    run.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="the least level logged (default: logging.level of -c, INFO)",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=("auto", "json", "text"),
+        help="json lines, text, or auto: text on a terminal (default: logging.format of -c)",
+    )
+    run.add_argument(
+        "--progress",
+        action="store_true",
+        help="a live line on stderr (rows/s, lag, limit, errors, tokens, cost when priced; "
+        "on a terminal the log level is then WARNING unless --log-level) and a summary at exit",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -325,6 +409,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_csv_options(publish)
     publish.set_defaults(handler=_cmd_publish)
 
+    cost = _subcommand(
+        commands, "estimate", "dry run: the tokens and cost a JSONL or CSV file would take"
+    )
+    cost.add_argument(
+        "-c", "--config", type=Path, required=True, metavar="FILE", help="settings YAML file"
+    )
+    cost.add_argument("file", type=Path, help="rows: .jsonl or .csv, as publish reads them")
+    cost.add_argument(
+        "--output-tokens",
+        type=int,
+        metavar="N",
+        help="tokens per answer (default: half of llm.max_tokens)",
+    )
+    cost.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    cost.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_csv_options(cost)
+    cost.set_defaults(handler=_cmd_estimate)
+
     tail = _subcommand(commands, "tail", "print a topic: outputs, or dead letters with reasons")
     _add_kafka_options(tail, "topic to read (default: kafka.output_topic of -c)")
     tail.add_argument("--dlq", action="store_true", help="read the dead-letter topic of -c instead")
@@ -355,6 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     cachecli.add_arguments(cache, _subcommand)
     cache.set_defaults(handler=_cmd_cache)
 
+    replay = _subcommand(
+        commands, "replay", "publish error rows or dead letters again, to the input topic"
+    )
+    _add_kafka_options(replay, "topic to publish to (default: kafka.input_topic of -c)")
+    offsetscli_arguments("replay", replay)
+    replay.set_defaults(handler=_cmd_replay)
+
+    group = _subcommand(
+        commands, "offsets", "the group's committed offsets and lag; reset them (group stopped)"
+    )
+    _add_kafka_options(group, "the group's input topic (default: kafka.input_topic of -c)")
+    offsetscli_arguments("offsets", group)
+    group.set_defaults(handler=_cmd_offsets)
+
+    jobs = _subcommand(commands, "batches", "list the batch jobs of a group from its state topic")
+    batchcli.add_arguments(jobs)
+    jobs.set_defaults(handler=batchcli.run)
+
     fake = _subcommand(commands, "fake-llm", "run the OpenAI-compatible fake LLM server")
     fake_llm_cli.add_arguments(fake)
     for action in fake._actions:
@@ -382,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here: aiokafka costs a tenth of a second that check-config need not pay.
         from aiokafka.errors import KafkaError
 
-        from consumer.topics import BrokerUnreachable
+        from consumer.topics import BrokerUnreachable, TopicError
 
-        if isinstance(error, BrokerUnreachable):
+        if isinstance(error, (BrokerUnreachable, TopicError)):
             print(f"error: {error}", file=sys.stderr)
             return 1
         if isinstance(error, KafkaError):

@@ -143,7 +143,13 @@ class ConcurrencySettings(_Model):
     min: int = Field(default=1, ge=1)
     max: int = Field(default=64, ge=1, le=4096)
     decrease_factor: float = Field(
-        default=0.8, gt=0.0, lt=1.0, description="Multiplicative decrease per congestion event."
+        default=0.9,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "Multiplicative decrease per congestion event (a 429/503/529 at capacity; a spent "
+            "rate quota gates admission instead of cutting)."
+        ),
     )
     increase_step: float = Field(
         default=1.0, gt=0.0, description="Added to the limit per round trip while it is used."
@@ -172,14 +178,25 @@ class ConcurrencySettings(_Model):
         le=2.0,
         description="Retry-After gates get up to this fraction added, then a ramp as long.",
     )
-    latency_signal: bool = Field(
-        default=False,
+    latency_signal: bool | None = Field(
+        default=None,
         description=(
-            "Treat a round trip above latency_tolerance x the minimum as congestion, for "
-            "servers that queue instead of answering 429 (vLLM)."
+            "Find the slot count of servers that queue instead of answering 429 (vLLM, "
+            "llama.cpp, Ollama) from the shape of latency against the requests in flight: a "
+            "level that adds less than 1/latency_tolerance of one more parallel request's "
+            "throughput only queues, and the limit steps below it. null (default): on until "
+            "the provider sends rate-limit headers (hosted APIs meter by quota); true: always; "
+            "false: never."
         ),
     )
-    latency_tolerance: float = Field(default=2.0, gt=1.0)
+    latency_tolerance: float = Field(
+        default=2.0,
+        gt=1.0,
+        description=(
+            "Latency that grows faster than (in-flight ratio)^(1/latency_tolerance) reads as "
+            "a queue."
+        ),
+    )
     requests_per_minute: int | None = Field(
         default=None, ge=1, description="Optional RPM budget beside the concurrency limit."
     )
@@ -285,6 +302,242 @@ class CacheSettings(_Model):
     )
 
 
+class ModelPrice(_Model):
+    """What one model costs, in USD (issue 15); a provider-reported cost wins over it."""
+
+    input_per_million: float = Field(ge=0.0, description="USD per million prompt tokens.")
+    output_per_million: float = Field(
+        ge=0.0, description="USD per million completion tokens (reasoning tokens included)."
+    )
+    cached_input_per_million: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="USD per million cached prompt tokens; null: priced as input.",
+    )
+    per_request: float = Field(default=0.0, ge=0.0, description="USD charged per request.")
+    batch_factor: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "llm.mode batch: the share of these prices a batch answer costs (OpenAI, Azure "
+            "Global Batch and OpenRouter charge half)."
+        ),
+    )
+
+
+class PricingSettings(_Model):
+    """Prices per model name, so each row's `{rf}_cost_usd` is known (null when unpriced)."""
+
+    models: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description=(
+            "Model name -> prices. An answered snapshot name (gpt-4o-mini-2024-07-18) is priced "
+            "by the longest name here it starts with."
+        ),
+    )
+    source: str | None = Field(
+        default=None, description="Where the prices come from (a URL and a date): for readers."
+    )
+    provider_cost: bool = Field(
+        default=True,
+        description=(
+            "openrouter: ask for usage accounting (usage.include) and take the cost the "
+            "provider reports (usage.cost) over the prices here."
+        ),
+    )
+
+
+class BudgetLimits(_Model):
+    usd_per_hour: float | None = Field(default=None, gt=0.0)
+    usd_per_day: float | None = Field(default=None, gt=0.0)
+
+
+class BudgetSettings(_Model):
+    """Spend caps shared by every replica (a compacted topic holds each replica's spend)."""
+
+    usd_per_hour: float | None = Field(default=None, gt=0.0)
+    usd_per_day: float | None = Field(default=None, gt=0.0)
+    per_template: dict[str, BudgetLimits] = Field(
+        default_factory=dict,
+        description="Template hash ({rf}_template_hash) -> caps on the spend of that template.",
+    )
+    topic: str | None = Field(
+        default=None, description="The spend topic; defaults to '<group_id>.llm-spend'."
+    )
+    hour_s: float = Field(
+        default=3600.0, ge=1.0, description="Length of an 'hour' period (shorten for tests only)."
+    )
+    day_s: float = Field(
+        default=86400.0, ge=1.0, description="Length of a 'day' period (shorten for tests only)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.usd_per_hour or self.usd_per_day or self.per_template)
+
+
+class ValidateSettings(_Model):
+    """Checks an answer against what the prompt asked for (issue 12): an answer that fails is
+    asked again `retries` times, then the row gets the `invalid_answer` error."""
+
+    allowed: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "The answer must be one of these, e.g. [POSITIVE, NEGATIVE, NEUTRAL]. Compared after "
+            "stripping surrounding whitespace, ignoring case unless case_sensitive; the answer "
+            "is written as the allowed value it matched, spelled as here."
+        ),
+    )
+    pattern: str | None = Field(
+        default=None,
+        description=(
+            "A regular expression the whole answer (stripped of surrounding whitespace) must "
+            "match; case-insensitive unless case_sensitive."
+        ),
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "A JSON Schema the answer must fit (the parsed object with a JSON response_format), "
+            "checked like llm.json_schema. With response_format json_schema, answers that do "
+            "not fit llm.json_schema (or are not JSON) are invalid answers too."
+        ),
+    )
+    case_sensitive: bool = Field(
+        default=False, description="Compare allowed values and the pattern case-sensitively."
+    )
+    retries: int = Field(
+        default=1,
+        ge=0,
+        le=5,
+        description="Times an invalid answer is asked again with the same prompt (each is paid).",
+    )
+    reject_truncated: bool = Field(
+        default=True,
+        description=(
+            "An answer cut by max_tokens (finish_reason length) is invalid. It is not asked "
+            "again: the same prompt and token budget end the same way."
+        ),
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression: {error}") from None
+        return value
+
+
+class FallbackSettings(_Model):
+    """One model of the fallback chain: what it changes of the primary `llm` settings.
+
+    Unset fields are the primary's. Setting `provider` or `base_url` means another endpoint:
+    the connection fields (base_url, api_key, headers, deployment, api_version,
+    azure_api_style, azure_ad_token*) are then not taken from the primary.
+    """
+
+    provider: Literal["openrouter", "azure", "openai"] | None = None
+    model: str | None = None
+    deployment: str | None = None
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_version: str | None = None
+    azure_api_style: Literal["deployments", "v1"] | None = None
+    headers: dict[str, str] | None = None
+    extra_body: dict[str, Any] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    token_parameter: Literal["auto", "max_tokens", "max_completion_tokens"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    request_timeout_s: float | None = Field(default=None, gt=0.0)
+    concurrency: ConcurrencySettings | None = Field(
+        default=None, description="This model's own limiter; default: the primary's settings."
+    )
+
+
+# The connection of a model: not inherited by a fallback that names another endpoint.
+_CONNECTION_FIELDS = frozenset(
+    {
+        "base_url",
+        "api_key",
+        "headers",
+        "deployment",
+        "api_version",
+        "azure_api_style",
+        "azure_ad_token",
+        "azure_ad_token_env",
+        "azure_ad_token_file",
+        "azure_ad_token_command",
+    }
+)
+
+
+class BatchSettings(_Model):
+    """Batch mode (llm.mode batch): each window is one provider batch job at the batch price."""
+
+    max_pending_batches: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description=(
+            "Windows whose batch jobs may run at once; beyond it the partitions are paused, so "
+            "memory and the number of open jobs stay bounded."
+        ),
+    )
+    max_requests_per_file: int = Field(
+        default=50_000,
+        ge=1,
+        le=50_000,
+        description="Requests in one input file (the providers' limit is 50,000); more split.",
+    )
+    max_bytes_per_file: int = Field(
+        default=200_000_000,
+        ge=1_000,
+        le=200_000_000,
+        description="Bytes of one JSONL input file (the providers' limit is 200 MB); more split.",
+    )
+    poll_initial_s: float = Field(
+        default=2.0, gt=0.0, description="First wait between two status polls of a job."
+    )
+    poll_max_s: float = Field(
+        default=60.0, gt=0.0, description="Longest wait between two status polls (backoff)."
+    )
+    retry_rows: Literal["next_batch", "live"] = Field(
+        default="next_batch",
+        description=(
+            "Where rows whose line failed retryably (429, 5xx, a cancelled job) are tried "
+            "again: in another batch job, or as live requests."
+        ),
+    )
+    topic: str | None = Field(
+        default=None,
+        description=(
+            "The compacted topic of the job records; defaults to '<group_id>.llm-batches'."
+        ),
+    )
+    auto_backlog_rows: int = Field(
+        default=10_000,
+        ge=0,
+        description=(
+            "mode auto: a window goes to a batch job while more rows than this wait behind it "
+            "in its partitions (the backlog), as live requests otherwise."
+        ),
+    )
+    catch_up_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description=(
+            "On partition assignment, read the job records to their end for at most this long "
+            "first, so jobs a member that died started are found and awaited, not paid again."
+        ),
+    )
+
+
 class LLMSettings(_Model):
     """Which provider to call, with what prompt, and how hard."""
 
@@ -376,6 +629,51 @@ class LLMSettings(_Model):
     concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    mode: Literal["live", "batch", "auto"] = Field(
+        default="live",
+        description=(
+            "live: one request per row. batch: each window becomes one provider batch job "
+            "(OpenAI, Azure), answered within the provider's 24 h window at its batch price. "
+            "auto: batch while more than batch.auto_backlog_rows rows wait behind a window, "
+            "live otherwise."
+        ),
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    audit_topic: str | None = Field(
+        default=None,
+        description=(
+            "A topic for the audit trail: one record per LLM attempt (failed ones too) with "
+            "request hash, source position, window id, attempt, model, status, latency, usage, "
+            "cost and error reason; flushed before the offsets that depend on it are committed."
+        ),
+    )
+    validate_answers: ValidateSettings | None = Field(
+        default=None,
+        alias="validate",
+        description="Answer validation (allowed values, a pattern, a JSON schema); off when unset.",
+    )
+    fallbacks: list[FallbackSettings] = Field(
+        default_factory=list,
+        description=(
+            "Models tried in order when the one before is over quota, has been failing "
+            "systemically for fallback_after_s, or rejects a row as too long for its context."
+        ),
+    )
+    fallback_after_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        description=(
+            "A model failing for everyone (outage, auth, wrong name) this long sends rows to "
+            "the next model; until then its windows are held back as without fallbacks."
+        ),
+    )
+    fallback_probe_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="While rows go past a failing model, one row every this often tries it.",
+    )
 
     @field_validator("response_field")
     @classmethod
@@ -390,6 +688,11 @@ class LLMSettings(_Model):
             raise ValueError("set exactly one of 'template' and 'template_file'")
         if self.lookup is not None and self.lookup_file is not None:
             raise ValueError("set at most one of 'lookup' and 'lookup_file'")
+        if self.mode != "live" and self.provider == "openrouter":
+            raise ValueError(
+                "modes batch and auto support providers openai and azure (OpenRouter's batch "
+                "API takes inline requests, not files, and is not supported yet)"
+            )
         if self.provider == "azure":
             if self.base_url is None:
                 raise ValueError("provider azure needs base_url (https://NAME.openai.azure.com)")
@@ -412,7 +715,63 @@ class LLMSettings(_Model):
             raise ValueError("azure_ad_token* settings are for provider azure only")
         if sources > 1 or (sources and self.api_key is not None):
             raise ValueError("set one of api_key and the azure_ad_token* settings")
+        self._check_pricing()
         return self
+
+    @model_validator(mode="after")
+    def _check_validate(self) -> LLMSettings:
+        rules = self.validate_answers
+        text_rules = rules is not None and (rules.allowed is not None or rules.pattern is not None)
+        if text_rules and self.response_format != "text":
+            raise ValueError(
+                "validate.allowed and validate.pattern check text answers; with response_format"
+                f" {self.response_format} use validate.json_schema"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_fallbacks(self) -> LLMSettings:
+        for index, _ in enumerate(self.fallbacks):
+            try:
+                self.fallback_settings(index)
+            except ValidationError as error:
+                problems = "; ".join(
+                    (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+                    + e["msg"].removeprefix("Value error, ")
+                    for e in error.errors()
+                )
+                raise ValueError(f"fallbacks.{index}: {problems}") from None
+        return self
+
+    def fallback_settings(self, index: int) -> LLMSettings:
+        """The whole settings of fallback `index`: the primary's, with the fallback's changes."""
+        fallback = self.fallbacks[index]
+        changes = fallback.model_dump(exclude_unset=True, by_alias=True)
+        base = self.model_dump(exclude_unset=True, by_alias=True)
+        for key in ("fallbacks", "validate", "pricing", "budget"):
+            base.pop(key, None)
+        if "provider" in changes or "base_url" in changes:
+            base = {k: v for k, v in base.items() if k not in _CONNECTION_FIELDS}
+        return LLMSettings.model_validate({**base, **changes})
+
+    def _check_pricing(self) -> None:
+        """Prices for models not in use are typos; a budget cannot admit without prices."""
+        in_use = self.model_name
+        # the fallback chain's models are in use too (issue 12)
+        names = [in_use, *(f.model or f.deployment or in_use for f in self.fallbacks)]
+        for name in self.pricing.models:
+            if not any(used.startswith(name) for used in names):
+                raise ValueError(
+                    f"llm.pricing.models.{name}: unknown model (the model in use is {in_use!r})"
+                )
+        if not self.budget.enabled:
+            return
+        for used in dict.fromkeys(names):
+            if not any(used.startswith(n) for n in self.pricing.models):
+                raise ValueError(
+                    f"llm.budget needs llm.pricing.models.{used}: a budget admits requests by "
+                    "their estimated cost, which needs the prices of every model it may call"
+                )
 
     @property
     def model_name(self) -> str:
@@ -468,9 +827,24 @@ class DeliverySettings(_Model):
 
 
 class LoggingSettings(_Model):
+    """`run --log-level` and `--log-format` override `level` and `format`."""
+
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "text"] = Field(
-        default="auto", description="auto: text on a terminal, JSON otherwise."
+        default="auto",
+        description="auto: text on a terminal, JSON otherwise. JSON timestamps are UTC with "
+        "milliseconds (2026-12-01T07:26:32.123Z).",
+    )
+    library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING",
+        description="The least level logged by the libraries (aiokafka, aiohttp), never below "
+        "`level`; their ERROR lines (retried connection attempts) are shown as WARNING.",
+    )
+    library_repeat_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        description="A library message repeated within this many seconds is dropped; the next "
+        "one shown counts them in `repeats_hidden`. 0 shows every one.",
     )
 
 
@@ -538,6 +912,37 @@ class StateSettings(_Model):
     )
 
 
+class TopicSettings(_Model):
+    """What `run` checks before it subscribes. The input topic is never created: a missing one
+    is waited for (a consumer started before its topic picks it up within seconds)."""
+
+    create_missing: bool = Field(
+        default=False,
+        description="Create a missing output or dead-letter topic at start, with the settings "
+        "below. Off: a missing one is reported, and the broker's auto.create.topics.enable "
+        "decides what the first write to it does.",
+    )
+    partitions: int | None = Field(
+        default=None, ge=1, description="Partitions of a topic created here; null: the input's."
+    )
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replicas of a topic created here; null: the broker's "
+        "default.replication.factor.",
+    )
+    configs: dict[str, str | int | float] = Field(
+        default_factory=dict,
+        description="Topic configs of a topic created here, e.g. retention.ms: 604800000.",
+    )
+    input_wait_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="How long start-up waits for a missing input topic before it exits 1; "
+        "null: for ever (logged every minute; the process is live but not ready).",
+    )
+
+
 class Settings(_Model):
     """The whole configuration of one consumer process."""
 
@@ -548,6 +953,7 @@ class Settings(_Model):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     state: StateSettings = Field(default_factory=StateSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
 
 
 def interpolate_env(

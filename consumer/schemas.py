@@ -69,6 +69,22 @@ def output_row_schema(rf: str = "llm_response") -> dict[str, Any]:
                 "description": "hit: answered from the response cache, not paid again; null: "
                 "the cache is off or no request was made",
             },
+            f"{rf}_cost_usd": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "USD the row's request cost (a cache hit: 0); null when unknown "
+                "(no price for the model, or no answer was bought)",
+            },
+            f"{rf}_cost_source": {
+                "enum": ["provider", "prices", "cache", None],
+                "description": "provider: the provider's own figure (OpenRouter usage.cost); "
+                "prices: llm.pricing; cache: a cache hit",
+            },
+            f"{rf}_mode": {
+                "enum": ["live", "batch"],
+                "description": "live: answered by one request; batch: by a provider batch job "
+                "(llm.mode batch)",
+            },
             f"{rf}_template_source": {"type": "string"},
             f"{rf}_lookup_hash": sha256,
             f"{rf}_lookup_source": {"type": "string"},

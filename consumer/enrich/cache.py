@@ -3,7 +3,8 @@
 The key is the request as sent (`request_key`): a sha256 of the canonical JSON of everything
 that decides the answer (provider, deployment, and the whole body: model, messages,
 temperature, token limit, response format, extra_body), not the key or identifying headers.
-Only successful completions are stored, with when they were bought. A lookup comes before the
+Only successful completions are stored, with when they were bought (with answer
+validation on, only valid ones: see `consumer/enrich/validate.py`). A lookup comes before the
 limiter, so a hit takes no permit, no rate budget and no retry budget; identical requests in
 flight at once share one call.
 
@@ -140,10 +141,23 @@ class CachedCalls:
         self._clock = clock
         self._in_flight: dict[str, asyncio.Future[CallResult]] = {}
 
-    async def answer(self, key: str, call: Callable[[], Awaitable[CallResult]]) -> Answer:
-        """`call()` is awaited only on a miss, and only once for concurrent equal keys."""
+    async def answer(
+        self,
+        key: str,
+        call: Callable[[], Awaitable[CallResult]],
+        accept: Callable[[Completion], Completion | None] | None = None,
+    ) -> Answer:
+        """`call()` is awaited only on a miss, and only once for concurrent equal keys.
+
+        `accept` (answer validation) checks a stored answer again: it returns the answer as
+        served, or None for one that is not valid under the current rules, which is a miss and
+        is replaced by the new call's answer when that one is valid (invalid answers come back
+        as failures, so they are never stored).
+        """
         raw = self._store.get(key.encode())
         completion = decode_entry(raw) if raw is not None else None
+        if completion is not None and accept is not None:
+            completion = accept(completion)
         if completion is not None:
             self._events.cache_lookup(hit=True)
             return Answer(CallResult(completion, None, 0), hit=True)

@@ -8,6 +8,7 @@ from typing import Any
 from consumer.enrich.template import PromptTemplate
 from consumer.llm.client import Completion
 from consumer.llm.errors import FailureKind, RowError
+from consumer.llm.pricing import UNKNOWN, Cost
 
 # Row errors raised before the row reached the provider.
 LOCAL_REASONS = frozenset({"template_error", "internal_error"})
@@ -25,6 +26,12 @@ class RowOutcome:
     # when the cache is off).
     request_hash: str | None = None
     cache: str | None = None
+    # What the row's request cost (a cache hit: 0); unknown for failed rows and unpriced models.
+    cost: Cost = UNKNOWN
+    # How the answer was asked for: "live" (one request) or "batch" (a provider batch job).
+    mode: str = "live"
+    # An answer that failed validation (`invalid_answer`): paid for, kept for inspection.
+    rejected: Completion | None = None
 
     @property
     def needs_retry_later(self) -> bool:
@@ -54,6 +61,9 @@ class OutputFields:
             "error": f"{rf}_error",
             "request_hash": f"{rf}_request_hash",
             "cache": f"{rf}_cache",
+            "mode": f"{rf}_mode",
+            "cost_usd": f"{rf}_cost_usd",
+            "cost_source": f"{rf}_cost_source",
         }
         self._static: dict[str, Any] = {f"{rf}_template_hash": template.template_hash}
         if template.template_source is not None:
@@ -82,8 +92,18 @@ class OutputFields:
             out[keys["finish_reason"]] = None
             out[keys["truncated"]] = None
             out[keys["error"]] = outcome.error.as_dict() if outcome.error else None
+            rejected = outcome.rejected
+            if rejected is not None and out[keys["error"]] is not None:
+                out[keys["model"]] = rejected.model
+                out[keys["usage"]] = rejected.usage.as_dict()
+                out[keys["finish_reason"]] = rejected.finish_reason
+                out[keys["truncated"]] = rejected.truncated
+                out[keys["error"]]["answer"] = rejected.content
         out.update(self._static)
         out[self._variables_key] = outcome.variables_hash
         out[keys["request_hash"]] = outcome.request_hash
         out[keys["cache"]] = outcome.cache
+        out[keys["mode"]] = outcome.mode
+        out[keys["cost_usd"]] = outcome.cost.usd
+        out[keys["cost_source"]] = outcome.cost.source
         return out

@@ -21,6 +21,9 @@ OpenRouter (`code` the status, `metadata.error_type`) or LiteLLM (`type: throttl
 `x-request-id`, quota answers `x-ratelimit-limit/remaining/reset-*`, and the model answered is
 a dated snapshot of a known name (`gpt-4o-mini` -> `gpt-4o-mini-2024-07-18`), other names as
 given. `/admin/stats` shows the last request body (`last_request`).
+
+The batch API (Files + Batches on the OpenAI and Azure paths, `GET /admin/batches`) is in
+`batch.py`.
 """
 
 from consumer.fake_llm.cli import main

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rate-429", type=float, default=defaults.rate_429)
     add("--rate-500", type=float, default=defaults.rate_500)
     add("--rate-503", type=float, default=defaults.rate_503)
+    add("--wrong-rate", type=float, default=defaults.wrong_rate, help="share of wrong answers")
+    add("--truncate-rate", type=float, default=defaults.truncate_rate, help="share cut answers")
     add(
         "--dialect",
         choices=("auto", "openai", "azure", "openrouter", "litellm"),
@@ -58,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='"a,b": only these model names answer, others get model-not-found',
     )
     add("--quota-exhausted", action="store_true", help="answer every request insufficient_quota")
+    add(
+        "--batch-delay-s",
+        type=float,
+        default=defaults.batch_delay_s,
+        help="batch API: seconds from a job's creation to its completion",
+    )
+    add("--batch-expire-next", type=int, default=0, help="batch API: the next N jobs expire")
+    add("--batch-fail-next", type=int, default=0, help="batch API: the next N jobs fail")
 
 
 def config_from_args(args: argparse.Namespace) -> FakeLLMConfig:

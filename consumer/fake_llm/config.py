@@ -74,6 +74,24 @@ class FakeLLMConfig(BaseModel):
     models: list[str] | None = None
     # Billing exhausted: every request gets the dialect's insufficient-quota error.
     quota_exhausted: bool = False
+    # The batch API (fake_llm/batch.py): seconds from a job's creation to its end; the next N
+    # jobs expire with only a share of their lines answered; the next N fail validation.
+    batch_delay_s: float = Field(default=2.0, ge=0)
+    batch_expire_next: int = Field(default=0, ge=0)
+    batch_expire_answered: float = Field(default=0.5, ge=0, le=1)
+    batch_fail_next: int = Field(default=0, ge=0)
+    # A sloppy small model (for answer validation): seeded shares of answers that are wrong
+    # (a sentence around the label, `[[fake:wrong]]`) or cut by max_tokens (`[[fake:length]]`).
+    wrong_rate: float = Field(default=0.0, ge=0, le=1)
+    truncate_rate: float = Field(default=0.0, ge=0, le=1)
+    # Prefix caching: a prompt whose first N*k tokens (k >= 1) were seen before reports them as
+    # usage.prompt_tokens_details.cached_tokens (OpenAI's automatic caching starts at 1024);
+    # 0 means off.
+    prefix_cache_min_tokens: int = Field(default=0, ge=0)
+    # What the OpenRouter path reports as usage.cost (USD) when the request asks for usage
+    # accounting (`usage: {include: true}`); cached tokens cost a quarter.
+    usd_per_million_prompt: float = Field(default=0.5, ge=0)
+    usd_per_million_completion: float = Field(default=1.5, ge=0)
 
     @field_validator("capacity_schedule", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import signal
 import time
@@ -19,6 +20,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from consumer.fake_llm import answers, faults
+from consumer.fake_llm.batch import BATCH_FILE_MAX_BYTES, FakeBatches
 from consumer.fake_llm.config import STARTUP_ONLY, FakeLLMConfig, Outage
 
 QUOTA_WINDOW_S = 60.0
@@ -78,6 +80,7 @@ class FakeLLM:
         self._waiters: deque[asyncio.Future[None]] = deque()
         # (status, until, retry_after_s) of the current outage.
         self._outage: tuple[int, float, float | None] | None = None
+        self._prefixes = answers.PrefixCache(config.prefix_cache_min_tokens)
         self._attempts: dict[str, int] = {}
         # Quota admissions inside the sliding window: (time, charged tokens).
         self._quota: deque[tuple[float, int]] = deque()
@@ -119,7 +122,8 @@ class FakeLLM:
         text = answers.last_user_text(messages)
         directive = faults.find_directive(text) if "[[fake:" in text else None
         if directive is not None:
-            if directive.name not in faults.HTTP_ERRORS | faults.BODY_FAULTS:
+            known = faults.HTTP_ERRORS | faults.BODY_FAULTS | answers.ANSWER_FAULTS
+            if directive.name not in known:
                 return self._invalid(f"Unknown fake-llm directive {directive.name!r}.")
             if directive.times is not None and not self._fails_again(directive.times, messages):
                 directive = None
@@ -144,7 +148,7 @@ class FakeLLM:
             )
             if rejection is not None:
                 return rejection
-            quota_headers = self._quota_remaining(config, now)
+            quota_headers = self._quota_remaining(config, now, dialect)
 
         capacity = self._capacity(now)
         if capacity and (self.in_flight >= capacity or self._waiters):
@@ -152,7 +156,7 @@ class FakeLLM:
             if self.in_flight >= capacity or self._waiters:
                 if config.overload == "reject":
                     hint = config.retry_after_s
-                    body = faults.rate_limited(dialect, model, wait=hint)
+                    body = _overloaded(dialect, model, hint)
                     return self._reply(429, body, self._retry_for(429))
                 await self._wait_for_slot()
             else:
@@ -176,8 +180,14 @@ class FakeLLM:
             if fault == "error200":
                 return self._reply(200, faults.ERROR_IN_200)
             json_mode = _wants_json(payload.get("response_format"))
-            content = answers.answer(text, config.answer, json_mode)
+            if fault is None and (config.wrong_rate or config.truncate_rate):
+                fault = self._sloppy_fault(config)
+            if fault in answers.ANSWER_FAULTS:
+                content = answers.spoiled_answer(fault, text, config.answer, json_mode)
+            else:
+                content = answers.answer(text, config.answer, json_mode)
             completion = self._completion(model, content, fault, max_tokens, prompt_tokens)
+            self._account(completion, messages, payload, dialect)
             if payload.get("stream") is True:
                 return await self._stream(request, completion, payload, quota_headers)
             return self._reply(200, completion, quota_headers)
@@ -255,6 +265,25 @@ class FakeLLM:
                 if key in usage
             },
         }
+
+    def _account(
+        self, completion: faults.Body, messages: list[Any], payload: Any, dialect: str
+    ) -> None:
+        """Cached prompt tokens (prefix caching) and, for OpenRouter's usage accounting, cost."""
+        config = self.config
+        usage = completion["usage"]
+        if config.prefix_cache_min_tokens:
+            if self._prefixes.block != config.prefix_cache_min_tokens:
+                self._prefixes = answers.PrefixCache(config.prefix_cache_min_tokens)
+            cached = min(self._prefixes.cached_tokens(messages), usage["prompt_tokens"])
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        asked = payload.get("usage") if isinstance(payload, dict) else None
+        if dialect == "openrouter" and isinstance(asked, dict) and asked.get("include") is True:
+            cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            usage["cost"] = (
+                (usage["prompt_tokens"] - cached * 0.75) * config.usd_per_million_prompt
+                + usage["completion_tokens"] * config.usd_per_million_completion
+            ) / 1_000_000
 
     async def _stream(
         self,
@@ -339,6 +368,15 @@ class FakeLLM:
             draw -= rate
         return 0
 
+    def _sloppy_fault(self, config: FakeLLMConfig) -> str | None:
+        """`wrong`, `length` or None, drawn with the seeded RNG (the sloppy-model mode)."""
+        draw = self._rng.random()
+        if draw < config.wrong_rate:
+            return "wrong"
+        if draw < config.wrong_rate + config.truncate_rate:
+            return "length"
+        return None
+
     def _retry_for(self, status: int) -> dict[str, str]:
         return faults.retry_headers(self.config.retry_after_s if status in (429, 503) else None)
 
@@ -382,7 +420,7 @@ class FakeLLM:
             headers = faults.retry_headers(wait)
             if dialect == "azure":
                 headers["x-ms-retry-after-ms"] = headers["retry-after-ms"]
-            headers.update(self._quota_remaining(config, now))
+            headers.update(self._quota_remaining(config, now, dialect))
             limit: Literal["requests", "tokens"]
             if kind == "call":
                 limit, used = "requests", f"Limit {config.rpm}, Used {len(window)}, Requested 1"
@@ -397,13 +435,36 @@ class FakeLLM:
         self._quota_tokens += cost
         return None
 
-    def _quota_remaining(self, config: FakeLLMConfig, now: float) -> dict[str, str]:
-        """OpenAI's x-ratelimit-limit/remaining/reset-* headers; reset is when the window is
-        whole again (its newest admission leaves it)."""
+    def _quota_remaining(
+        self, config: FakeLLMConfig, now: float, dialect: faults.Dialect = "openai"
+    ) -> dict[str, str]:
+        """The dialect's rate-limit headers: OpenAI's x-ratelimit-limit/remaining/reset-*
+        (Go durations), Azure's with resets in whole seconds (x-rate-limit-reset-tokens), or
+        OpenRouter's X-RateLimit-Limit/Remaining/Reset (requests; epoch milliseconds). Reset is
+        when the window is whole again (its newest admission leaves it)."""
         headers = {}
-        reset = (
-            answers.go_duration(self._quota[-1][0] + QUOTA_WINDOW_S - now) if self._quota else "0s"
-        )
+        whole_in = self._quota[-1][0] + QUOTA_WINDOW_S - now if self._quota else 0.0
+        if dialect == "openrouter":
+            if config.rpm:
+                headers["X-RateLimit-Limit"] = str(config.rpm)
+                headers["X-RateLimit-Remaining"] = str(max(0, config.rpm - len(self._quota)))
+                headers["X-RateLimit-Reset"] = str(int((time.time() + whole_in) * 1000))
+            return headers
+        if dialect == "azure":
+            seconds = str(math.ceil(whole_in))
+            if config.rpm:
+                headers["x-ratelimit-limit-requests"] = str(config.rpm)
+                headers["x-ratelimit-remaining-requests"] = str(
+                    max(0, config.rpm - len(self._quota))
+                )
+            if config.tpm:
+                headers["x-ratelimit-limit-tokens"] = str(config.tpm)
+                headers["x-ratelimit-remaining-tokens"] = str(
+                    max(0, config.tpm - self._quota_tokens)
+                )
+                headers["x-rate-limit-reset-tokens"] = seconds
+            return headers
+        reset = answers.go_duration(whole_in) if self._quota else "0s"
         if config.rpm:
             headers["x-ratelimit-limit-requests"] = str(config.rpm)
             headers["x-ratelimit-remaining-requests"] = str(max(0, config.rpm - len(self._quota)))
@@ -423,15 +484,18 @@ class FakeLLM:
         except asyncio.CancelledError:
             if slot.done() and not slot.cancelled():
                 self._release()
-            else:
+            elif slot in self._waiters:
                 self._waiters.remove(slot)
             self.stats.cancelled += 1
             raise
 
     def _drain(self, capacity: int) -> None:
         while self._waiters and (not capacity or self.in_flight < capacity):
+            waiter = self._waiters.popleft()
+            if waiter.done():  # its request was cancelled while it waited: no slot to count
+                continue
             self.in_flight += 1
-            self._waiters.popleft().set_result(None)
+            waiter.set_result(None)
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -535,6 +599,31 @@ class FakeLLM:
         return view
 
 
+def _overloaded(dialect: faults.Dialect, model: str, wait: float | None) -> faults.Body:
+    """A 429 at capacity as each provider words it: overload, not a spent quota."""
+    if dialect == "azure":
+        retry = f" Please retry after {math.ceil(wait)} seconds." if wait is not None else ""
+        message = (
+            "The system is currently experiencing high demand and cannot process your request."
+        )
+        return {"error": {"code": "429", "message": message + retry}}
+    if dialect == "openrouter":
+        return {
+            "error": {
+                "code": 429,
+                "message": f"{model} is temporarily rate-limited upstream",
+                "metadata": {"error_type": "capacity_exhausted"},
+            }
+        }
+    if dialect == "litellm":
+        return faults.rate_limited(dialect, model, wait=wait)
+    message = (
+        "That model is currently overloaded with other requests. You can retry your request, "
+        "or contact us through our help center at help.openai.com if the error persists."
+    )
+    return faults.openai_error(message, "server_error", None)
+
+
 def _wants_json(response_format: Any) -> bool:
     return isinstance(response_format, dict) and response_format.get("type") in (
         "json_object",
@@ -561,12 +650,14 @@ def create_app(
 ) -> web.Application:
     """Build the app; `clock` lets tests move quota windows and schedules without sleeping."""
     fake = FakeLLM(config, clock)
-    app = web.Application()
+    # Batch input files are up to 200 MB (aiohttp's default limit is 1 MB).
+    app = web.Application(client_max_size=BATCH_FILE_MAX_BYTES)
     app[FAKE_LLM_KEY] = fake
     for path in CHAT_PATHS:
         app.router.add_post(path, fake.chat)
     for path in ("/v1/models", "/api/v1/models", "/models", "/openai/v1/models"):
         app.router.add_get(path, _models)
+    FakeBatches(fake, clock).register(app)
     app.router.add_get("/health", fake.health)
     app.router.add_get("/admin/stats", fake.get_stats)
     app.router.add_post("/admin/reset", fake.reset)

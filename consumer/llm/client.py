@@ -11,8 +11,10 @@ the limiter.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,7 @@ from consumer.llm.errors import (
     retry_after_seconds,
 )
 from consumer.llm.jsonshape import schema_errors
+from consumer.llm.ratelimit import RateLimits, is_quota_overload, parse_rate_limits
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,13 @@ class Completion:
     model: str
     usage: Usage
     finish_reason: str | None
+    # What the provider says the request cost (OpenRouter's usage.cost, in USD credits).
+    provider_cost_usd: float | None = None
+    # The reply's rate-limit headers, which the limiter paces by (None: it sent none).
+    rate_limits: RateLimits | None = None
+    # The model (or Azure deployment) the request named: prices are keyed by it when the
+    # answered name (a dated snapshot, the deployment's model) has no price of its own.
+    requested_model: str | None = None
 
     @property
     def truncated(self) -> bool:
@@ -151,6 +161,14 @@ def _detail(raw: dict[str, Any], section: str, key: str) -> int | None:
     details = raw.get(section)
     value = details.get(key) if isinstance(details, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _provider_cost(body: dict[str, Any]) -> float | None:
+    usage = body.get("usage")
+    cost = usage.get("cost") if isinstance(usage, dict) else None
+    if isinstance(cost, int | float) and not isinstance(cost, bool) and cost >= 0:
+        return float(cost)
+    return None
 
 
 def _usage(body: dict[str, Any]) -> Usage:
@@ -243,7 +261,21 @@ def parse_completion(body: Any, settings: LLMSettings) -> Completion:
         value = _parse_json_answer(content, settings, finish_reason)
     answered_by = body.get("model")
     model = answered_by if isinstance(answered_by, str) else settings.model_name
-    return Completion(value, model, _usage(body), finish_reason)
+    return Completion(
+        value,
+        model,
+        _usage(body),
+        finish_reason,
+        _provider_cost(body),
+        requested_model=settings.model_name,
+    )
+
+
+def _accepts_prompt_cache_key(settings: LLMSettings) -> bool:
+    """OpenAI's own API only: other OpenAI-compatible servers may reject unknown fields."""
+    if settings.provider != "openai":
+        return False
+    return settings.base_url is None or "api.openai.com" in settings.base_url
 
 
 def _is_event_stream(headers: Mapping[str, str]) -> bool:
@@ -382,6 +414,13 @@ class ChatClient:
         if post is None:
             post = self._session = AiohttpPost(self.pool_size, settings.request_timeout_s)
         self._post_raw = post
+        # Sent as OpenAI's `prompt_cache_key` (the template hash, set by build_parts): requests
+        # sharing a prompt prefix land on the same cache shard.
+        self.prompt_cache_key: str | None = None
+        # Told (model, seconds, completion, failure) after each attempt (consumer/audit.py).
+        self.on_attempt: (
+            Callable[[str, float, Completion | None, LLMFailure | None], None] | None
+        ) = None
 
     @property
     def pool_size(self) -> int:
@@ -415,6 +454,12 @@ class ChatClient:
                     "strict": settings.json_schema_strict,
                 },
             }
+        if settings.provider == "openrouter" and settings.pricing.provider_cost:
+            # usage accounting: usage.cost and the token details in the answer (OpenRouter now
+            # always includes them and ignores this; older deployments need it)
+            body["usage"] = {"include": True}
+        if self.prompt_cache_key is not None and _accepts_prompt_cache_key(settings):
+            body["prompt_cache_key"] = self.prompt_cache_key
         body.update(settings.extra_body)
         return body
 
@@ -445,8 +490,22 @@ class ChatClient:
         """One attempt. Raises LLMFailure; never retries (the caller owns retries).
 
         The one exception: a 401 with an Entra ID token reads the token again and repeats the
-        request once, since an expired token is not the row's fault.
+        request once, since an expired token is not the row's fault. `on_attempt` (the audit
+        trail) is told of every attempt, answered or not.
         """
+        report = self.on_attempt
+        if report is None:
+            return await self._complete(messages)
+        started = time.monotonic()
+        try:
+            completion = await self._complete(messages)
+        except LLMFailure as failure:
+            report(self._settings.model_name, time.monotonic() - started, None, failure)
+            raise
+        report(self._settings.model_name, time.monotonic() - started, completion, None)
+        return completion
+
+    async def _complete(self, messages: list[dict[str, str]]) -> Completion:
         payload = orjson.dumps(self.request_body(messages))
         token = self._token
         if token is not None:
@@ -467,7 +526,10 @@ class ChatClient:
                 text = response.content.decode("utf-8", "replace").strip()
                 body = {"message": text[:1000]}
             hint = retry_after_seconds(response.headers, body, status=response.status)
-            raise classify_status(response.status, body, hint)
+            failure = classify_status(response.status, body, hint)
+            failure.rate_limits = parse_rate_limits(response.headers, time.time())
+            failure.quota = is_quota_overload(response.status, failure.rate_limits, body)
+            raise failure
         if body is None and _is_event_stream(response.headers):
             body = assemble_stream(response.content)
         if body is None:
@@ -477,7 +539,9 @@ class ChatClient:
                 "the answer is not valid JSON",
                 response.status,
             )
-        return parse_completion(body, self._settings)
+        completion = parse_completion(body, self._settings)
+        limits = parse_rate_limits(response.headers, time.time())
+        return completion if limits is None else dataclasses.replace(completion, rate_limits=limits)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -9,10 +9,13 @@ with, so their thresholds are tested without waiting.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from consumer.records import TopicPartition
+
+log = logging.getLogger("consumer.observability")
 
 
 class ProviderHealth:
@@ -109,9 +112,20 @@ class BrokerHealth:
         timeout_s: float,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """Probe every `interval_s` until cancelled."""
+        """Probe every `interval_s` until cancelled; one log line when the broker becomes
+        unreachable and one when it answers again (the libraries' own lines are rate-limited,
+        see `consumer.observability.logs`)."""
+        lost_at: float | None = None
         while True:
             await self.probe(check, timeout_s)
+            reason = self.unreachable()
+            if reason is not None and lost_at is None:
+                lost_at = self._last_ok  # the outage began after the last answer
+                log.warning("broker connection lost", extra={"reason": reason})
+            elif reason is None and lost_at is not None:
+                down_s = round(self._clock() - lost_at, 1)
+                lost_at = None
+                log.info("broker connection back", extra={"down_s": down_s})
             await sleep(interval_s)
 
 

@@ -17,21 +17,37 @@ from __future__ import annotations
 import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer import __version__
+from consumer.enrich.outcome import LOCAL_REASONS
 from consumer.window import CloseReason
 
 if TYPE_CHECKING:
     from consumer.config import Settings
     from consumer.enrich.outcome import RowOutcome
     from consumer.llm.limiter import AIMDLimiter
+    from consumer.pipeline.batch_enrich import BatchTracker
     from consumer.window import Window
 
 PREFIX = "llm_consumer"
+# Every reason a dead letter can have (decode, encode, deliver); created at 0 at start.
+DEAD_LETTER_REASONS = (
+    "tombstone",
+    "empty",
+    "key_too_large",
+    "too_large",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "too_deep",
+    "internal_error",
+    "output_rejected",
+)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _WINDOW_ROWS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -56,6 +72,8 @@ class Metrics:
         self._started = time.time()
         self._latency_by_status: dict[tuple[str, str], Histogram] = {}
         self._last_commit = 0.0
+        # Labels the spend metrics; set once the template is known (build_parts).
+        self.template_hash = ""
         r = self.registry
         self.info = Info(PREFIX, "Version and provider of this consumer.", registry=r)
         self.rows_consumed = Counter(
@@ -133,6 +151,21 @@ class Metrics:
         self.limiter_decreases = Gauge(
             f"{PREFIX}_limiter_decreases",
             "Multiplicative decreases of the limit since start (congestion events).",
+            registry=r,
+        )
+        self.limiter_quota_gates = Gauge(
+            f"{PREFIX}_limiter_quota_gates",
+            "Times a spent rate quota closed admission for every request until its reset.",
+            registry=r,
+        )
+        self.limiter_learnt_rpm = Gauge(
+            f"{PREFIX}_limiter_learnt_rpm",
+            "Requests per minute taken from the provider's rate-limit headers (0: none sent).",
+            registry=r,
+        )
+        self.limiter_learnt_tpm = Gauge(
+            f"{PREFIX}_limiter_learnt_tpm",
+            "Tokens per minute taken from the provider's rate-limit headers (0: none sent).",
             registry=r,
         )
         self.lag = Gauge(
@@ -216,6 +249,34 @@ class Metrics:
         )
         for result in ("hit", "miss"):
             self.cache_lookups.labels(result)
+        # Spend (issue 15): cost by model, template hash and where the figure came from;
+        # tokens by kind; the budget left in the current period.
+        self.cost_usd = Counter(
+            f"{PREFIX}_llm_cost_usd",
+            "USD spent on completions (cache hits cost 0), by model, template hash and source "
+            "(provider: the provider's own figure; prices: llm.pricing).",
+            ["model", "template_hash", "source"],
+            registry=r,
+        )
+        self.priced_rows = Counter(
+            f"{PREFIX}_llm_priced_rows",
+            "Rows whose cost is known (cache hits included): the denominator of cost per row.",
+            ["model", "template_hash"],
+            registry=r,
+        )
+        self.usage_tokens = Counter(
+            f"{PREFIX}_llm_usage_tokens",
+            "Tokens of successful completions by kind (prompt, cached, completion, reasoning), "
+            "model and template hash; cached is part of prompt, reasoning part of completion.",
+            ["model", "template_hash", "kind"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            f"{PREFIX}_budget_remaining_usd",
+            "USD left in the current period of the tightest llm.budget cap, by period.",
+            ["period"],
+            registry=r,
+        )
         self.event_loop_lag = Gauge(
             f"{PREFIX}_event_loop_lag_seconds",
             "How late the last 1 s heartbeat sleep woke up (a blocked event loop shows here).",
@@ -225,7 +286,16 @@ class Metrics:
             self.windows.labels(reason.value)
         self.llm_retries.labels(self.provider)
         self.llm_rate_limited.labels(self.provider)
+        self.llm_request_seconds.labels(self.provider, "200")
+        for letter in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(letter)
+        # Row errors have an open set of reasons (the provider's); the local ones are enough
+        # for `sum(rate(...))` to be 0 rather than "No data" before the first error.
+        for error in sorted(LOCAL_REASONS):
+            self.row_errors.labels(error)
         if settings is not None:
+            for kind in ("prompt", "completion"):
+                self.tokens.labels(settings.llm.model_name, kind)
             self.info.info(
                 {
                     "version": __version__,
@@ -243,6 +313,9 @@ class Metrics:
         self.limiter_in_flight.set_function(lambda: limiter.state().in_flight)
         self.limiter_waiting.set_function(lambda: limiter.state().waiting)
         self.limiter_decreases.set_function(lambda: limiter.state().decreases)
+        self.limiter_quota_gates.set_function(lambda: limiter.state().quota_gates)
+        self.limiter_learnt_rpm.set_function(lambda: limiter.state().learnt_rpm or 0.0)
+        self.limiter_learnt_tpm.set_function(lambda: limiter.state().learnt_tpm or 0.0)
 
     def watch_held_back(self, held_back: Callable[[], bool]) -> None:
         self.held_back.set_function(lambda: 1.0 if held_back() else 0.0)
@@ -286,6 +359,7 @@ class Metrics:
             self.row_errors.labels(reason).inc(count)
         for model, (prompt, answer) in tokens.items():
             self.tokens_used(model, prompt, answer)
+        self._spend(outcomes, self.template_hash)
 
     def cache_lookup(self, hit: bool) -> None:
         self.cache_lookups.labels("hit" if hit else "miss").inc()
@@ -293,9 +367,106 @@ class Metrics:
     def cache_write(self) -> None:
         self.cache_writes.inc()
 
+    def start_spend(
+        self, template_hash: str, models: Iterable[str], sources: Iterable[str]
+    ) -> None:
+        """Labels the spend series by the template and creates them at 0 for the priced models,
+        so cost-per-row panels read 0, not "No data", before the first answer."""
+        self.template_hash = template_hash
+        kinds = ("prompt", "cached", "completion", "reasoning")
+        for model in models:
+            self.priced_rows.labels(model, template_hash)
+            for source in sources:
+                self.cost_usd.labels(model, template_hash, source)
+            for kind in kinds:
+                self.usage_tokens.labels(model, template_hash, kind)
+
+    def watch_budget(
+        self, periods: Iterable[str], remaining: Callable[[str], float | None]
+    ) -> None:
+        def left(period: str) -> Callable[[], float]:
+            return lambda: remaining(period) or 0.0
+
+        for period in periods:
+            self.budget_remaining.labels(period).set_function(left(period))
+
+    def _spend(self, outcomes: Sequence[RowOutcome], template_hash: str) -> None:
+        cost: dict[tuple[str, str], float] = {}
+        rows: TallyCounter[str] = TallyCounter()
+        kinds: TallyCounter[tuple[str, str]] = TallyCounter()
+        for outcome in outcomes:
+            # a paid answer that failed validation cost as much as one that passed
+            completion = outcome.completion or outcome.rejected
+            if completion is None:
+                continue
+            if outcome.cost.usd is not None and outcome.cost.source is not None:
+                key = (completion.model, outcome.cost.source)
+                cost[key] = cost.get(key, 0.0) + outcome.cost.usd
+                rows[completion.model] += 1
+            if outcome.cache == "hit":
+                continue  # tokens not paid for this time
+            usage = completion.usage
+            kinds[(completion.model, "prompt")] += usage.prompt_tokens
+            kinds[(completion.model, "cached")] += usage.cached_tokens or 0
+            kinds[(completion.model, "completion")] += usage.completion_tokens
+            kinds[(completion.model, "reasoning")] += usage.reasoning_tokens or 0
+        for (model, source), usd in cost.items():
+            self.cost_usd.labels(model, template_hash, source).inc(usd)
+        for model, count in rows.items():
+            self.priced_rows.labels(model, template_hash).inc(count)
+        for (model, kind), count in kinds.items():
+            self.usage_tokens.labels(model, template_hash, kind).inc(count)
+
     def watch_cache(self, entries: Callable[[], float], size: Callable[[], float]) -> None:
         self.cache_entries.set_function(entries)
         self.cache_bytes.set_function(size)
+
+    def watch_batches(self, tracker: BatchTracker) -> None:
+        """Batch mode (issue 16): jobs in flight by state, rows in them, the oldest's age, and
+        submit and poll errors; the series exist only when batch mode is on."""
+        from consumer.llm.batch import STATUSES
+
+        r = self.registry
+        in_flight = Gauge(
+            f"{PREFIX}_batch_jobs", "Batch jobs in flight, by status.", ["state"], registry=r
+        )
+        for state in ("submitting", *STATUSES):
+            in_flight.labels(state).set_function(partial(tracker.by_state, state))
+        Gauge(
+            f"{PREFIX}_batch_rows_waiting", "Rows waiting in batch jobs in flight.", registry=r
+        ).set_function(tracker.rows_waiting)
+        Gauge(
+            f"{PREFIX}_batch_oldest_age_seconds",
+            "Age of the oldest batch job in flight.",
+            registry=r,
+        ).set_function(tracker.oldest_age_s)
+        self._batch_submit_errors = Counter(
+            f"{PREFIX}_batch_submit_errors",
+            "Batch jobs that could not be created (upload or create refused or failed).",
+            registry=r,
+        )
+        self._batch_windows = Counter(
+            f"{PREFIX}_batch_mode_windows",
+            "Windows by the mode that answered them (live or batch; mode auto chooses).",
+            ["mode"],
+            registry=r,
+        )
+        for mode in ("live", "batch"):
+            self._batch_windows.labels(mode)
+        self._batch_poll_errors = Counter(
+            f"{PREFIX}_batch_poll_errors",
+            "Failed status polls or file downloads of batch jobs (tried again).",
+            registry=r,
+        )
+
+    def batch_submit_error(self) -> None:
+        self._batch_submit_errors.inc()
+
+    def batch_window_mode(self, mode: str) -> None:
+        self._batch_windows.labels(mode).inc()
+
+    def batch_poll_error(self) -> None:
+        self._batch_poll_errors.inc()
 
     def dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(reason).inc()

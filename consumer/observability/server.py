@@ -156,12 +156,9 @@ class Observability:
 
     async def start(self) -> None:
         self._last_beat = self._clock()
-        if self.settings.port == 0:
-            log.info("metrics and health server disabled (observability.port: 0)")
-            return
+        # The broker probe runs without the server too: it logs when the broker is lost and
+        # back, the lines an operator reads instead of the client library's retries.
         self._tasks = [
-            asyncio.create_task(self._heartbeat(), name="observability-heartbeat"),
-            asyncio.create_task(self._lag_probe(), name="observability-lag"),
             asyncio.create_task(
                 self.broker.run_probe(
                     self._consumer.topics,
@@ -169,7 +166,14 @@ class Observability:
                     _BROKER_PROBE_TIMEOUT_S,
                 ),
                 name="observability-broker",
-            ),
+            )
+        ]
+        if self.settings.port == 0:
+            log.info("metrics and health server disabled (observability.port: 0)")
+            return
+        self._tasks += [
+            asyncio.create_task(self._heartbeat(), name="observability-heartbeat"),
+            asyncio.create_task(self._lag_probe(), name="observability-lag"),
         ]
         runner = web.AppRunner(self._web_app(), access_log=None, handle_signals=False)
         await runner.setup()

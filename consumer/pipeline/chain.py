@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
+from consumer.audit import AuditLog
 from consumer.config import Settings
 from consumer.decode import RowLimits
 from consumer.enrich.runner import WindowEnricher
+from consumer.enrich.spend import SpendLedger
 from consumer.kafka.sink import ProducerSink
 from consumer.kafka.source import KafkaSource
 from consumer.kafka.transactions import TransactionalSink
 from consumer.llm.limiter import AIMDLimiter
 from consumer.observability import Metrics, PipelineEvents, ProviderHealth
+from consumer.pipeline.batch_enrich import BatchEnrichStep, BatchMode, backlog_behind
 from consumer.pipeline.commit import CommitStep
 from consumer.pipeline.decode import DecodeStep
 from consumer.pipeline.deliver import ProduceStep, Replacements, TransactionalProduceStep
@@ -49,6 +54,14 @@ class Parts:
     transactions: TransactionalSink | None
     # State written to compacted topics while enriching (the cache), flushed before delivery.
     shared_state: GlobalTable | None = None
+    # The budget's spend table and ledger (issue 15): started with the parts; the ledger's
+    # coalesced writes are flushed when the parts stop.
+    spend_state: GlobalTable | None = None
+    spend_ledger: SpendLedger | None = None
+    # The audit trail (llm.audit_topic): flushed before the outputs that depend on it.
+    audit: AuditLog | None = None
+    # llm.mode batch: windows are answered by provider batch jobs (issue 16).
+    batch: BatchMode | None = None
 
 
 @dataclass(frozen=True)
@@ -96,20 +109,29 @@ def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
         deliver = ProduceStep(
             parts.sink, replacements, parts.events, _BROKER_BACKOFF, commit, wakeup
         )
+    flushed: Step[EncodedWindow] = deliver
+    if parts.shared_state is not None:
+        flushed = FlushStateStep(
+            parts.shared_state, parts.metrics.cache_write_failures.inc, flushed, wakeup
+        )
+    if parts.audit is not None:  # its failures are logged by the audit log
+        flushed = FlushStateStep(parts.audit, lambda _: None, flushed, wakeup)
     retry = settings.llm.retry
-    enrich = EnrichStep(
+    # llm.mode batch or auto: the batch step, with windows in flight bounded by its setting.
+    enrich_step: Callable[..., EnrichStep] = EnrichStep
+    max_windows = settings.window.max_pending_windows
+    if parts.batch is not None:
+        backlog = None
+        if settings.llm.mode == "auto":
+            backlog = partial(backlog_behind, highwater=parts.source.consumer.highwater)
+        enrich_step = partial(BatchEnrichStep, parts.batch.parts, backlog=backlog)
+        max_windows = settings.llm.batch.max_pending_batches
+    enrich = enrich_step(
         parts.enricher,
         retry,
         parts.provider_health,
-        settings.window.max_pending_windows,
-        EncodeStep(
-            parts.encoder,
-            deliver
-            if parts.shared_state is None
-            else FlushStateStep(
-                parts.shared_state, parts.metrics.cache_write_failures.inc, deliver, wakeup
-            ),
-        ),
+        max_windows,
+        EncodeStep(parts.encoder, flushed),
         wakeup,
         Backoff(_FIRST_HOLD_S, retry.window_backoff_max_s),
     )

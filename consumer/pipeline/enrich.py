@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from consumer import audit
 from consumer.config import RetrySettings
 from consumer.enrich.holdback import HoldBackPolicy
 from consumer.enrich.outcome import RowOutcome
@@ -157,6 +158,7 @@ class EnrichStep:
         # Any provider success after this (in this window or another) shows the provider
         # works while the rows that fail here do not.
         sent_mark = self._health.successes
+        audit.enter_window(window.id, window.items)  # the audit trail's source positions
         outcomes = await self._enricher.enrich(rows)
         round_outcomes = outcomes
         try:

@@ -24,6 +24,7 @@ class Tally:
     consumed: int = 0
     rows: int = 0
     dead_letters: int = 0
+    cost_usd: float = 0.0  # of rows whose cost is known
 
     def consume(self) -> None:
         self.consumed += 1
@@ -61,6 +62,8 @@ class ReportStep:
         self._metrics.window_done(window, outcomes, seconds)
         self._tally.dead_letters += dead_letters
         self._tally.rows += len(window.items) - dead_letters
+        costs = [o.cost.usd for o in outcomes if o.cost.usd is not None]
+        self._tally.cost_usd += sum(costs)
         log.info(
             "window done",
             extra={
@@ -72,6 +75,8 @@ class ReportStep:
                 "seconds": round(seconds, 3),
                 "partitions": offset_ranges(window.items),
                 "limit": round(self._limit(), 1),
+                # null when no row's cost is known (no prices for the model)
+                "cost_usd": round(sum(costs), 6) if costs else None,
             },
         )
 

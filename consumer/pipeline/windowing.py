@@ -61,6 +61,17 @@ class WindowingStep:
         """Why the open window will close early when the chain closes (revoke or shutdown)."""
         self._close_reason = reason
 
+    def drop_unstarted(self) -> int:
+        """On SIGTERM, before `close()`: the open window and the closed ones the next step has
+        not taken are dropped instead of started (their offsets stay uncommitted, the next
+        owner reads them again), so a stop finishes what is in flight and starts nothing new.
+        Returns how many items were dropped."""
+        self._cancel_timer()
+        dropped = sum(len(window.items) for window in self._closed)
+        self._closed.clear()
+        window = self._accumulator.close(CloseReason.SHUTDOWN)
+        return dropped + (len(window.items) if window is not None else 0)
+
     def close(self) -> None:
         self._cancel_timer()
         window = self._accumulator.close(self._close_reason)

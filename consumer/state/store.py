@@ -183,6 +183,19 @@ class LocalStore:
             ).fetchall()
         return [bytes(row[0]) for row in rows]
 
+    def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Entries whose key starts with `prefix` (a range on the key index): the spend ledger
+        sums every replica's entries of a period."""
+        upper = _after_prefix(prefix)
+        query = "SELECT key, value FROM entries WHERE key >= ?"
+        args: tuple[bytes, ...] = (prefix,)
+        if upper is not None:
+            query += " AND key < ?"
+            args = (prefix, upper)
+        with self._errors():
+            rows = self._db.execute(query, args).fetchall()
+        return [(bytes(key), bytes(value)) for key, value in rows]
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
@@ -241,3 +254,11 @@ def _lock(path: Path) -> _Lock:
     os.ftruncate(handle, 0)
     os.write(handle, str(os.getpid()).encode())
     return _Lock(handle)
+
+
+def _after_prefix(prefix: bytes) -> bytes | None:
+    """The smallest key above every key starting with `prefix` (None: there is none)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])

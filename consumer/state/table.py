@@ -23,7 +23,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 
 from consumer.config import ConfigError, KafkaSettings, StateSettings
 from consumer.kafka.clients import build_producer, connection_options
@@ -384,6 +389,16 @@ class GlobalTable:
             log.warning("state store read failed", extra={"topic": self.topic, "error": str(error)})
         return None
 
+    def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Entries whose key starts with `prefix`, as this replica knows them (local only)."""
+        try:
+            return self._running_store().scan(prefix)
+        except StoreCorrupt as error:
+            self._schedule_rebuild(str(error))
+        except StoreError as error:
+            log.warning("state store read failed", extra={"topic": self.topic, "error": str(error)})
+        return []
+
     async def catch_up(self, timeout_s: float) -> CatchUp:
         """Read up to the end of the topic as of now (not forever), within `timeout_s`.
 
@@ -679,11 +694,26 @@ def _with_value(record: StateRecord, value: bytes | None) -> StateRecord:
 async def _topic_configs(
     admin: AIOKafkaAdminClient, topic: str, names: Iterable[str]
 ) -> dict[str, str]:
+    """The topic's configs; a topic created a moment ago may be unknown to the broker that
+    answers for a while, so that answer is waited out (under the caller's timeout)."""
+    while True:
+        configs = await _described_configs(admin, topic, names)
+        if configs is not None:
+            return configs
+        await asyncio.sleep(0.1)
+
+
+async def _described_configs(
+    admin: AIOKafkaAdminClient, topic: str, names: Iterable[str]
+) -> dict[str, str] | None:
+    """The topic's configs, or None while the broker does not know the topic yet."""
     resource = ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(names))
     for response in await admin.describe_configs([resource]):
         for code, message, _, name, entries in response.resources:
             if name != topic:
                 continue
+            if code == UnknownTopicOrPartitionError.errno:
+                return None
             if code != 0:
                 raise StateTopicError(
                     f"state topic {topic}: cannot read its configuration "

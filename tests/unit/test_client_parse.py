@@ -206,6 +206,7 @@ def test_request_body_includes_model_and_generation_settings() -> None:
         "model": "openai/gpt-4o-mini",
         "temperature": 0.2,
         "max_tokens": 50,
+        "usage": {"include": True},  # OpenRouter's usage accounting (llm.pricing.provider_cost)
     }
 
 
