@@ -168,7 +168,9 @@ def build_parts(
         sink=None if exactly_once else ProducerSink(lambda: build_producer(kafka, compression)),
         transactions=TransactionalSink(kafka, compression, prefix) if exactly_once else None,
         shared_state=table,
-        batch=build_batch_mode(settings, template, client.request_body, key_of, metrics, pricing)
+        batch=build_batch_mode(
+            settings, template, client.request_body, key_of, metrics, pricing, ledger
+        )
         if llm.mode != "live"
         else None,
         spend_state=spend,

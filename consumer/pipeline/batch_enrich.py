@@ -42,8 +42,11 @@ from consumer.enrich.batchjobs import (
 )
 from consumer.enrich.holdback import HoldBackPolicy
 from consumer.enrich.outcome import RowOutcome
+from consumer.enrich.spend import Reservation, SpendLedger
 from consumer.enrich.template import PromptTemplate, TemplateRenderError
+from consumer.enrich.validate import AnswerRules
 from consumer.llm.batch import BatchClient, BatchJob, LineResult, parse_lines, split_lines
+from consumer.llm.budgets import estimate_prompt_tokens
 from consumer.llm.client import Completion, parse_completion
 from consumer.llm.errors import FailureKind, LLMFailure, RowError, classify_status
 from consumer.llm.pricing import UNKNOWN, Cost, Pricing
@@ -124,6 +127,13 @@ class BatchParts:
     # Reads the registry's topic to its end (GlobalTable.catch_up); None in unit tests.
     catch_up: Callable[[float], Awaitable[object]] | None = None
     pricing: Pricing | None = None
+    # The budget (llm.budget): a job is admitted by its rows' estimated cost at the batch
+    # rate before it is created, and settled with what its answers cost.
+    ledger: SpendLedger | None = None
+    estimate_usd: Callable[[list[dict[str, str]]], float] | None = None
+    # llm.validate: a batch answer that fails it is the row's `invalid_answer` at once (asking
+    # again would be another job, hours later; the live path asks again).
+    rules: AnswerRules | None = None
 
 
 @dataclass
@@ -132,6 +142,15 @@ class _Row:
     variables_hash: str
     request_hash: str | None = None
     line: bytes | None = None
+    usd: float = 0.0  # the request's estimated cost at the batch rate (the budget's charge)
+
+
+@dataclass(frozen=True)
+class _JobCharge:
+    """A job's charge to the budget, and each row's share of it."""
+
+    charge: Reservation
+    rows_usd: list[float]
 
 
 class _JobFailed(Exception):
@@ -161,7 +180,8 @@ class BatchEnrichStep(EnrichStep):
     """The enrich step whose windows are answered by batch jobs.
 
     `backlog` (mode auto) tells how many rows wait behind a window in its partitions: a window
-    with at most `auto_backlog_rows` behind it is enriched live, as the live step would.
+    with at most `auto_backlog_rows` behind it is enriched live, as the live step would, unless
+    its oldest row can still wait a batch's turnaround within `auto_row_deadline_s`.
     """
 
     def __init__(
@@ -169,11 +189,13 @@ class BatchEnrichStep(EnrichStep):
         batch: BatchParts,
         *args: Any,
         backlog: Callable[[Window], int] | None = None,
+        wall_clock: Callable[[], float] = time.time,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._batch = batch
         self._backlog = backlog
+        self._wall_clock = wall_clock  # against the records' timestamps (auto_row_deadline_s)
         self._caught_up: asyncio.Task[object] | None = None
         settings = batch.settings.batch
         self._poll = Backoff(
@@ -252,8 +274,14 @@ class BatchEnrichStep(EnrichStep):
     def _mode_of(self, window: Window) -> str:
         if self._backlog is None:
             return MODE
+        settings = self._batch.settings.batch
+        if settings.auto_row_deadline_s is not None and window.items:
+            oldest_s = min(item.record.timestamp for item in window.items) / 1000.0
+            waited_s = max(0.0, self._wall_clock() - oldest_s)
+            if waited_s + settings.auto_batch_turnaround_s <= settings.auto_row_deadline_s:
+                return MODE
         waiting = self._backlog(window)
-        return MODE if waiting > self._batch.settings.batch.auto_backlog_rows else "live"
+        return MODE if waiting > settings.auto_backlog_rows else "live"
 
     async def _ready(self) -> None:
         """Read the registry to its end once per chain (assignment), before the first lookup."""
@@ -277,8 +305,13 @@ class BatchEnrichStep(EnrichStep):
             messages = batch.template.render(row)
             cid = custom_id(item.record)
             body = batch.request_body(messages)
+            usd = batch.estimate_usd(messages) if batch.estimate_usd is not None else 0.0
             return _Row(
-                cid, variables_hash, batch.request_key(messages), batch.client.line(cid, body)
+                cid,
+                variables_hash,
+                batch.request_key(messages),
+                batch.client.line(cid, body),
+                usd,
             )
         except TemplateRenderError as error:
             row_error = RowError("template_error", str(error), None, 0, False)
@@ -312,10 +345,11 @@ class BatchEnrichStep(EnrichStep):
                 await self._await_all(window.id, found, _Round(lines=state.lines))
                 jobs.extend(found)
         unanswered = [cid for cid in ids if cid not in state.lines]
+        charges: list[tuple[_JobCharge, list[str]]] = []
         for _ in range(_MAX_RESUBMITS + 1):
             if not unanswered:
                 break
-            new = await self._submit(window, prepared, ids, unanswered, state)
+            new = await self._submit(window, prepared, ids, unanswered, state, charges)
             jobs.extend(new)
             await self._await_all(window.id, new, state)
             expired = [
@@ -348,7 +382,29 @@ class BatchEnrichStep(EnrichStep):
                 outcome = _failed(row, missing, round_no)
             outcomes[index] = outcome
             out.append(outcome)
+        self._settle(charges, {cid: outcomes[index] for cid, index in ids.items()})
         return out
+
+    def _settle(
+        self, charges: list[tuple[_JobCharge, list[str]]], by_id: Mapping[str, RowOutcome | None]
+    ) -> None:
+        """Replace each job's estimated charge by what its answers cost (an answer without a
+        price keeps its estimate; a row left unanswered cost nothing). A row sent again after
+        its job expired was answered by the later job: the jobs are settled last first, and
+        each answer counts once."""
+        ledger = self._batch.ledger
+        if ledger is None:
+            return
+        counted: set[str] = set()
+        for job_charge, chunk_ids in reversed(charges):
+            usd = 0.0
+            for cid, estimate in zip(chunk_ids, job_charge.rows_usd, strict=False):
+                outcome = by_id.get(cid)
+                if cid in counted or outcome is None or outcome.completion is None:
+                    continue
+                counted.add(cid)
+                usd += estimate if outcome.cost.usd is None else outcome.cost.usd
+            ledger.settle(job_charge.charge, usd)
 
     async def _submit(
         self,
@@ -357,6 +413,7 @@ class BatchEnrichStep(EnrichStep):
         ids: dict[str, int],
         custom_ids: list[str],
         state: _Round,
+        charges: list[tuple[_JobCharge, list[str]]],
     ) -> list[JobRecord]:
         settings = self._batch.settings.batch
         lines = [(cid, prepared[ids[cid]].line or b"") for cid in custom_ids]
@@ -365,10 +422,20 @@ class BatchEnrichStep(EnrichStep):
             lines, settings.max_requests_per_file, settings.max_bytes_per_file
         ):
             chunk_ids = [cid for cid, _ in chunk]
+            charge = await self._admit([prepared[ids[cid]].usd for cid in chunk_ids])
+            if isinstance(charge, LLMFailure):  # the budget is spent: held like an outage
+                state.failed.update(dict.fromkeys(chunk_ids, charge))
+                continue
             job = self._batch.registry.new(window.id, chunk_ids)
             try:
                 await self._create(job, b"".join(line for _, line in chunk))
+                if charge is not None:
+                    charges.append((charge, chunk_ids))
             except LLMFailure as failure:
+                # Refused with an answer: no job, nothing paid. Without one (a timeout) the job
+                # may exist, so its estimate stays charged.
+                if charge is not None and failure.status_code is not None:
+                    self._settle([(charge, [])], {})
                 self._batch.tracker.on_submit_error()
                 log.warning(
                     "batch job not created",
@@ -383,6 +450,19 @@ class BatchEnrichStep(EnrichStep):
                 continue
             created.append(job)
         return created
+
+    async def _admit(self, rows_usd: list[float]) -> _JobCharge | LLMFailure | None:
+        """Charge the job's estimated cost to the budget before it exists (None: no budget)."""
+        ledger = self._batch.ledger
+        if ledger is None:
+            return None
+        admitted = ledger.admit(sum(rows_usd))
+        while isinstance(admitted, float):  # other replicas' recent spend is not seen yet
+            await asyncio.sleep(admitted)
+            admitted = ledger.admit(sum(rows_usd))
+        if isinstance(admitted, LLMFailure):
+            return admitted
+        return _JobCharge(admitted, rows_usd)
 
     async def _create(self, job: JobRecord, content: bytes) -> None:
         """Record first (acknowledged), then upload and create the job, then record its id."""
@@ -494,6 +574,23 @@ class BatchEnrichStep(EnrichStep):
             if line.status_code == 200:
                 completion = parse_completion(line.body, self._batch.settings)
                 cost = self._cost(completion)
+                rules = self._batch.rules
+                if rules is not None:
+                    valid, problem = rules.check(completion)
+                    if valid is None:
+                        error = RowError("invalid_answer", problem, 200, round_no, False)
+                        return RowOutcome(
+                            None,
+                            error,
+                            FailureKind.ROW,
+                            row.variables_hash,
+                            row.request_hash,
+                            None,
+                            cost,
+                            MODE,
+                            rejected=completion,
+                        )
+                    completion = valid
                 return RowOutcome(
                     completion, None, None, row.variables_hash, row.request_hash, None, cost, MODE
                 )
@@ -526,7 +623,14 @@ def _failed(row: _Row, failure: LLMFailure, attempts: int) -> RowOutcome:
     reason, message = failure.reason, failure.message
     if kind.retryable:
         reason, message = "retries_exhausted", f"{failure.reason}: {failure.message}"
-    error = RowError(reason, message, failure.status_code, attempts, kind.retryable)
+    error = RowError(
+        reason,
+        message,
+        failure.status_code,
+        attempts,
+        kind.retryable,
+        failure.retry_after_s if kind is FailureKind.SYSTEMIC else None,
+    )
     return RowOutcome(None, error, kind, row.variables_hash, row.request_hash, mode=MODE)
 
 
@@ -563,6 +667,7 @@ def build_batch_mode(
     request_key: Callable[[list[dict[str, str]]], str],
     metrics: BatchMetrics,
     pricing: Pricing | None = None,
+    ledger: SpendLedger | None = None,
 ) -> BatchMode:
     table = batch_table(settings)
     client = BatchClient(settings.llm)
@@ -580,8 +685,22 @@ def build_batch_mode(
         tracker,
         table.catch_up,
         pricing,
+        ledger,
+        None if pricing is None else partial(_batch_estimate, pricing, settings.llm),
+        None
+        if settings.llm.validate_answers is None
+        else AnswerRules(settings.llm.validate_answers),
     )
     return BatchMode(parts, table, client)
+
+
+def _batch_estimate(pricing: Pricing, llm: LLMSettings, messages: list[dict[str, str]]) -> float:
+    """A request's charge at admission, as live (the prompt estimate, max_tokens at the output
+    price), at the model's batch rate."""
+    model = llm.model_name
+    usd = pricing.estimate(model, estimate_prompt_tokens(messages), llm.max_tokens or 0)
+    price = pricing.price(model)
+    return 0.0 if usd is None or price is None else usd * price.batch_factor
 
 
 def backlog_behind(window: Window, highwater: Callable[[Any], int | None]) -> int:

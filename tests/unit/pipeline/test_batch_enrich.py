@@ -8,10 +8,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
+import pytest
 
-from consumer.config import LLMSettings, ModelPrice, PricingSettings, RetrySettings
+from consumer.config import (
+    BudgetSettings,
+    LLMSettings,
+    ModelPrice,
+    PricingSettings,
+    RetrySettings,
+    ValidateSettings,
+)
 from consumer.enrich.batchjobs import SUBMITTING, JobRegistry
 from consumer.enrich.outcome import RowOutcome
+from consumer.enrich.spend import SpendLedger
+from consumer.enrich.validate import AnswerRules
 from consumer.llm.batch import BatchAPI, BatchJob
 from consumer.llm.errors import FailureKind, LLMFailure
 from consumer.llm.pricing import Pricing
@@ -33,6 +43,10 @@ from tests.unit.pipeline.recording import (
     window,
 )
 
+# When row_item's records were published (their timestamp), in seconds.
+PUBLISHED_S = 1_700_000_000.0
+# What the harness's budget charges each request at admission.
+ESTIMATE_USD = 0.01
 # (custom_id, body, attempt of this row) -> (status, body) of its line, or None: no answer
 Answer = Callable[[str, dict[str, Any], int], tuple[int, Any] | None]
 
@@ -167,6 +181,9 @@ class Harness:
         answer: Answer = answered,
         pricing: Pricing | None = None,
         backlog: Callable[[Window], int] | None = None,
+        wall_clock: Callable[[], float] = lambda: PUBLISHED_S,
+        ledger: SpendLedger | None = None,
+        rules: AnswerRules | None = None,
         **batch: Any,
     ) -> None:
         self.settings = LLMSettings(
@@ -192,6 +209,9 @@ class Harness:
             lambda messages: "k" * 64,
             BatchTracker(on_window=self.modes.append),
             pricing=pricing,
+            ledger=ledger,
+            estimate_usd=None if ledger is None else (lambda messages: ESTIMATE_USD),
+            rules=rules,
         )
         self.step = BatchEnrichStep(
             parts,
@@ -205,6 +225,7 @@ class Harness:
             sleep=self.sleep,
             clock=FakeClock(),
             backlog=backlog,
+            wall_clock=wall_clock,
         )
 
     async def run(self, *windows: Window) -> list[list[RowOutcome | None]]:
@@ -401,3 +422,89 @@ async def test_polls_that_fail_are_tried_again_and_readiness_says_why_meanwhile(
     assert seen[:2] == ["batch poll failing: unauthorized"] * 2
     assert h.step.held_back_reason is None
     assert len(h.provider.jobs) == 1, "the job runs on: it is not submitted again"
+
+
+class SpendTable:
+    """The two calls a spend ledger makes of its table, in memory."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, bytes] = {}
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.entries[key] = value
+
+    def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for k, v in self.entries.items() if k.startswith(prefix)]
+
+
+def budget_ledger(usd_per_hour: float) -> SpendLedger:
+    now = [1_000_000.0]
+    return SpendLedger(
+        SpendTable(),
+        BudgetSettings(usd_per_hour=usd_per_hour),
+        "t" * 64,
+        clock=lambda: now[0],
+        monotonic=lambda: now[0],
+        write_every_s=0.0,
+        read_every_s=0.0,
+    )
+
+
+async def test_a_job_is_charged_to_the_budget_before_it_exists_and_settled_by_its_answers() -> None:
+    price = ModelPrice(input_per_million=1.0, output_per_million=2.0, batch_factor=0.5)
+    pricing = Pricing(PricingSettings(models={"gpt-test": price}), "gpt-test")
+    ledger = budget_ledger(1.0)
+    h = Harness(pricing=pricing, ledger=ledger)
+    [outcomes] = await h.run(window(row_item(0), row_item(1)))
+    assert texts(outcomes) == ["answer in/0/0", "answer in/0/1"]
+    answers_usd = sum(o.cost.usd or 0.0 for o in outcomes if o is not None)
+    assert answers_usd > 0
+    assert ledger.remaining("hour") == pytest.approx(1.0 - answers_usd)  # estimate -> cost
+
+
+async def test_a_spent_budget_holds_the_window_without_creating_a_job_or_error_rows() -> None:
+    ledger = budget_ledger(0.015)  # room for one row's estimate, the window has two
+    h = Harness(ledger=ledger)
+    held: list[str | None] = []
+
+    def on_sleep(seconds: float) -> None:
+        held.append(h.step.held_back_reason)
+
+    h.sleep.on_sleep = on_sleep
+    h.step.submit(window(row_item(0), row_item(1)))
+    await spin(lambda: len(held) >= 2, poll=h.step.poll)
+    assert h.provider.jobs == {}, "nothing is sent past the budget"
+    assert h.next.submitted == []
+    assert held[0] is not None and held[0].startswith("budget_exhausted")
+
+
+async def test_a_batch_answer_that_fails_validation_is_an_invalid_answer_row_at_once() -> None:
+    def answer(cid: str, body: dict[str, Any], attempt: int) -> tuple[int, Any] | None:
+        return 200, completion("The review is positive." if cid == "in/0/0" else " positive\n")
+
+    rules = AnswerRules(ValidateSettings(allowed=["POSITIVE", "NEGATIVE"]))
+    h = Harness(answer, rules=rules)
+    [outcomes] = await h.run(window(row_item(0), row_item(1)))
+    bad, good = outcomes
+    assert bad is not None and bad.error is not None and bad.error.reason == "invalid_answer"
+    assert bad.rejected is not None and bad.rejected.content == "The review is positive."
+    assert good is not None and good.completion is not None
+    assert good.completion.content == "POSITIVE"  # normalised to the allowed spelling
+    assert len(h.provider.jobs) == 1  # not asked again in another job
+
+
+async def test_auto_sends_rows_that_can_wait_a_batch_within_their_deadline_to_a_batch() -> None:
+    now = [PUBLISHED_S + 600.0]  # the rows were published 10 minutes ago
+    h = Harness(
+        backlog=lambda w: 0,
+        wall_clock=lambda: now[0],
+        auto_row_deadline_s=3600.0,
+        auto_batch_turnaround_s=1800.0,
+    )
+    [fresh] = await h.run(window(row_item(0), window_id="w-fresh"))
+    now[0] = PUBLISHED_S + 2400.0  # 40 minutes: a 30-minute batch would miss the hour
+    h.next.submitted.clear()
+    [late] = await h.run(window(row_item(1), window_id="w-late"))
+    assert fresh[0] is not None and fresh[0].mode == "batch"
+    assert late[0] is not None and late[0].mode == "live"
+    assert h.modes == ["batch", "live"]
