@@ -125,4 +125,11 @@ class HoldBackPolicy:
                     return None
                 self._partial_holds += 1
         self._holds += 1
-        return Hold(self._backoff.delay(self._holds), systemic)
+        seconds = self._backoff.delay(self._holds)
+        if systemic:
+            # A failure that says when it passes (a budget's period ends) is tried again then,
+            # not a whole backoff later.
+            hints = [o.error.retry_after_s for o in round_outcomes if o.error is not None]
+            if hints and all(hint is not None for hint in hints):
+                seconds = min(seconds, max(hint for hint in hints if hint is not None))
+        return Hold(seconds, systemic)

@@ -101,7 +101,12 @@ class WindowEnricher:
             failure.message if reason == failure.reason else f"{failure.reason}: {failure.message}"
         )
         row_error = RowError(
-            reason, message, failure.status_code, result.attempts, failure.kind.retryable
+            reason,
+            message,
+            failure.status_code,
+            result.attempts,
+            failure.kind.retryable,
+            failure.retry_after_s if failure.kind is FailureKind.SYSTEMIC else None,
         )
         if isinstance(failure, InvalidAnswer) and failure.completion is not None:
             # A paid answer that failed validation: kept in the row, and what it cost.

@@ -73,6 +73,9 @@ class RowError:
     status_code: int | None
     attempts: int
     retryable: bool
+    # A systemic failure's own word on when it may pass (a budget: when its period ends); the
+    # hold-back waits no longer than that. Not part of the output.
+    retry_after_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"reason": self.reason, "message": self.message}

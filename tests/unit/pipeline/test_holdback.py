@@ -226,3 +226,23 @@ def test_rows_the_provider_answered_with_an_error_inside_are_their_own_fault() -
         holds += 1
         assert holds <= 2
     assert holds == 2
+
+
+def budget_spent(resumes_in_s: float) -> RowOutcome:
+    error = RowError("budget_exhausted", "spent", None, 0, False, resumes_in_s)
+    return RowOutcome(None, error, FailureKind.SYSTEMIC, "h")
+
+
+def test_a_systemic_failure_that_says_when_it_passes_is_tried_again_then() -> None:
+    hold_back = policy()
+    for _ in range(6):  # the backoff has grown past the period's end
+        hold_back.next_hold([systemic_failure()], [systemic_failure()], others_succeeded=False)
+    soon = [budget_spent(4.0), budget_spent(3.0)]
+    hold = hold_back.next_hold(soon, soon, others_succeeded=False)
+    assert hold is not None and hold.seconds == 4.0  # when the last of them passes
+    later = [budget_spent(3000.0)]
+    hold = hold_back.next_hold(later, later, others_succeeded=False)
+    assert hold is not None and hold.seconds == BACKOFF.delay(8)  # not longer than the backoff
+    mixed = [budget_spent(1.0), systemic_failure()]  # one failure gives no word: the backoff
+    hold = hold_back.next_hold(mixed, mixed, others_succeeded=False)
+    assert hold is not None and hold.seconds == BACKOFF.delay(9)
