@@ -528,6 +528,23 @@ class BatchSettings(_Model):
             "in its partitions (the backlog), as live requests otherwise."
         ),
     )
+    auto_row_deadline_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "mode auto: how long after it was published a row may be answered. A window whose "
+            "oldest row can still wait auto_batch_turnaround_s within it goes to a batch job "
+            "(half the price) even without a backlog; null: the backlog alone decides."
+        ),
+    )
+    auto_batch_turnaround_s: float = Field(
+        default=3600.0,
+        gt=0.0,
+        description=(
+            "mode auto: how long a batch job is expected to take (providers promise 24 h and "
+            "usually answer in minutes); with auto_row_deadline_s."
+        ),
+    )
     catch_up_timeout_s: float = Field(
         default=30.0,
         gt=0.0,

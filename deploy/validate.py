@@ -846,11 +846,15 @@ _CLOSES = {")": "(", "]": "[", "}": "{"}
 
 
 def exported_metric_names() -> set[str]:
-    """Every series name the consumer's `Metrics` can expose."""
+    """Every series name the consumer's `Metrics` can expose (batch mode's included, which
+    exist only when it is on)."""
     from consumer.observability.metrics import Metrics
+    from consumer.pipeline.batch_enrich import BatchTracker
 
+    metrics = Metrics()
+    metrics.watch_batches(BatchTracker())
     names: set[str] = set()
-    for family in Metrics().registry.collect():
+    for family in metrics.registry.collect():
         suffixes = _SERIES_SUFFIXES.get(family.type, ("",))
         names.update(f"{family.name}{suffix}" for suffix in suffixes)
     return names

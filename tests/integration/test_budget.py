@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from tests.support.fake_llm_process import fake_llm_process
+from tests.support.kafka_broker import free_port
 from tests.support.ledger import account
 from tests.support.pipeline import (
     ConsumerProcess,
@@ -23,6 +22,7 @@ from tests.support.pipeline import (
     end_offsets,
     publish,
     read_topic,
+    readiness,
     rows_to_messages,
     settings_file,
     wait_for_commits,
@@ -32,22 +32,6 @@ from tests.support.pipeline import (
 # 0.0015 USD, and is admitted at 0.0017 (max_tokens 4).
 PRICES = {"fake-model": {"input_per_million": 100.0, "output_per_million": 100.0}}
 WINDOW = 20
-
-
-def port_free() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def readiness(port: int) -> tuple[int, Any]:
-    try:
-        async with httpx.AsyncClient(timeout=5.0) as http:
-            response = await http.get(f"http://127.0.0.1:{port}/readyz")
-        return response.status_code, response.json()
-    except (httpx.TransportError, ValueError):
-        return 0, None
 
 
 async def until(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
@@ -105,7 +89,7 @@ async def test_a_spent_budget_holds_the_window_and_the_next_period_finishes_ever
     await create_topics(kafka_bootstrap, [topics.input, topics.output, topics.dlq], partitions=2)
     rows = [{"id": i, "text": f"review {i}: it works fine"} for i in range(200)]
     positions = await publish(kafka_bootstrap, topics.input, rows_to_messages(rows))
-    port = port_free()
+    port = free_port()
     budget_usd, period_s = 0.05, 4.0
     with fake_llm_process() as llm:
         settings = budget_settings(
@@ -163,7 +147,7 @@ async def test_the_spend_survives_a_sigkill_and_two_replicas_share_one_budget(
     await publish(kafka_bootstrap, topics.input, rows_to_messages(rows))
     budget_usd = 0.05
     with fake_llm_process() as llm:
-        first_port = port_free()
+        first_port = free_port()
         first = ConsumerProcess(
             budget_settings(
                 tmp_path, kafka_bootstrap, llm.base_url, topics, first_port, usd_per_hour=budget_usd
@@ -176,7 +160,7 @@ async def test_the_spend_survives_a_sigkill_and_two_replicas_share_one_budget(
             before_kill = llm.stats()["requests"]
         finally:
             first.kill()
-        ports = [port_free(), port_free()]
+        ports = [free_port(), free_port()]
         replicas = [
             ConsumerProcess(
                 budget_settings(

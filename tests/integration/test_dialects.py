@@ -17,6 +17,7 @@ import pytest
 from aiokafka.errors import KafkaError
 
 from tests.support.fake_llm_process import FakeLLM, fake_llm_process
+from tests.support.kafka_broker import free_port
 from tests.support.pipeline import (
     ConsumerProcess,
     Topics,
@@ -24,6 +25,7 @@ from tests.support.pipeline import (
     create_topics,
     publish,
     read_topic,
+    readiness,
     rows_to_messages,
     running_consumer,
     settings_file,
@@ -68,11 +70,20 @@ async def test_a_misspelt_model_holds_the_window_with_no_error_rows_until_it_is_
     topics = Topics.unique("badmodel")
     await create_topics(kafka_bootstrap, [topics.input], partitions=1)
     await publish(kafka_bootstrap, topics.input, rows_to_messages(rows(4)))
+    port = free_port()
     settings = settings_file(
-        tmp_path, kafka_bootstrap, fake_llm.base_url, topics, llm={"model": "gpt-4o-mni"}
+        tmp_path,
+        kafka_bootstrap,
+        fake_llm.base_url,
+        topics,
+        llm={"model": "gpt-4o-mni"},
+        observability={"host": "127.0.0.1", "port": port},
     )
     with running_consumer(settings, tmp_path / "consumer.log") as consumer:
         assert await held_back_for(consumer, "model_not_found", 30), consumer.log_text()[-3000:]
+        status, body = await readiness(port)
+        assert status == 503, body
+        assert "model_not_found" in str(body), body  # readiness names the configuration error
         early = await read_topic(kafka_bootstrap, topics.output, expect=1, timeout_s=3)
         assert early == [], "a configuration error must not produce error rows"
         assert await nothing_committed(kafka_bootstrap, topics)

@@ -334,6 +334,11 @@ ALERTS = ROOT / "deploy" / "k8s" / "prometheusrule.yaml"
 # rows are labelled by the template hash and the figure's source, known at the first priced
 # answer (these settings have no prices).
 NOT_AT_START = {
+    # batch mode's series exist only in llm.mode batch or auto
+    "llm_consumer_batch_jobs",
+    "llm_consumer_batch_rows_waiting",
+    "llm_consumer_batch_oldest_age_seconds",
+    "llm_consumer_batch_mode_windows_total",
     "llm_consumer_budget_remaining_usd",
     "llm_consumer_llm_cost_usd_total",
     "llm_consumer_llm_priced_rows_total",

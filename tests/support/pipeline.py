@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -285,3 +286,13 @@ def duplicates(messages: Sequence[Message]) -> int:
     """How many outputs repeat a (source partition, offset) already seen."""
     counts = Counter(m.source for m in messages)
     return sum(n - 1 for n in counts.values())
+
+
+async def readiness(port: int) -> tuple[int, Any]:
+    """The consumer's /readyz: (status, JSON body), or (0, None) while it does not answer."""
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            response = await http.get(f"http://127.0.0.1:{port}/readyz")
+        return response.status_code, response.json()
+    except (httpx.TransportError, ValueError):
+        return 0, None

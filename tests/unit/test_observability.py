@@ -455,20 +455,29 @@ async def test_the_broker_probe_turns_readyz_not_ready_while_the_broker_is_down(
         async with aiohttp.ClientSession(
             f"http://127.0.0.1:{port}", timeout=_CLIENT_TIMEOUT
         ) as http:
+
+            async def readyz_status() -> tuple[int, Any]:
+                async with http.get("/readyz") as response:
+                    return response.status, await response.json()
+
+            async def readyz_until(status: int) -> Any:
+                # Bounded polling, not a fixed sleep: the probe's timing is the machine's.
+                for _ in range(200):
+                    seen, body = await readyz_status()
+                    if seen == status:
+                        return body
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"/readyz never answered {status}: {body}")
+
             consumer.broken = ConnectionRefusedError("Connect call failed")
-            await asyncio.sleep(0.3)
-            async with http.get("/readyz") as response:
-                assert response.status == 503
-                body = await response.json()
+            body = await readyz_until(503)
             assert body["broker"]["unreachable"] is True
             assert body["problems"][0].startswith("broker unreachable for ")
             assert body["problems"][0].endswith(": metadata probe: Connect call failed")
             async with http.get("/metrics") as response:
                 assert "llm_consumer_broker_unreachable 1.0" in await response.text()
             consumer.broken = None
-            await asyncio.sleep(0.1)
-            async with http.get("/readyz") as response:
-                assert response.status == 200
+            await readyz_until(200)
     finally:
         await obs.stop()
 
