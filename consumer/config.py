@@ -126,12 +126,14 @@ class WindowSettings(_Model):
         default=2_000, ge=1, description="Measured from the window's first message."
     )
     max_pending_windows: int = Field(
-        default=4,
+        default=8,
         ge=1,
         le=64,
         description=(
             "Windows enriched at the same time (their rows share the limiter, oldest first; "
-            "outputs leave in order). Bounds memory: about this many windows of rows are held."
+            "outputs leave in order). Bounds memory: about this many windows of rows are held. "
+            "Enough that a row waiting out a provider's wait hint (seconds) holds up only its "
+            "own window while the others keep the limit busy."
         ),
     )
 
