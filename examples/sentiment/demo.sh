@@ -73,5 +73,6 @@ rows = [json.loads(line)["value"] for line in open(sys.argv[1])]
 counts = collections.Counter(r["sentiment"] or f"error:{r['sentiment_error']['reason']}" for r in rows)
 tokens = sum((r["sentiment_usage"] or {}).get("total_tokens", 0) for r in rows)
 print(f"{len(rows)} rows enriched: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-print(f"{tokens} tokens used")
+cost = sum(r.get("sentiment_cost_usd") or 0.0 for r in rows)
+print(f"{tokens} tokens used, {cost:.6f} USD at the example's prices ({1000 * cost / len(rows):.6f} per 1,000 rows)")
 PY
