@@ -50,7 +50,7 @@ from consumer.llm.budgets import estimate_prompt_tokens
 from consumer.llm.client import Completion, parse_completion
 from consumer.llm.errors import FailureKind, LLMFailure, RowError, classify_status
 from consumer.llm.pricing import UNKNOWN, Cost, Pricing
-from consumer.pipeline.enrich import EnrichedWindow, EnrichStep
+from consumer.pipeline.enrich import EnrichedWindow, EnrichStep, aligned
 from consumer.retry import Backoff
 from consumer.state import GlobalTable
 from consumer.window import Window
@@ -231,21 +231,7 @@ class BatchEnrichStep(EnrichStep):
                 if hold is None:
                     break
                 todo = hold.rows_to_retry(done)
-                failing = [done[i] for i in todo]
-                first = failing[0].error
-                reason = first.reason if first else "unknown"
-                self._holding[window.id] = f"{reason} ({len(failing)} rows failing)"
-                log.warning(
-                    "window held back: offsets stay uncommitted",
-                    extra={
-                        "window_id": window.id,
-                        "mode": MODE,
-                        "reason": reason,
-                        "systemic": hold.systemic,
-                        "failed_rows": len(failing),
-                        "retry_in_s": round(hold.seconds, 1),
-                    },
-                )
+                self._announce_hold(window, hold, [done[i] for i in todo], MODE)
                 await self._sleep_unless_closed(hold.seconds)
                 round_no += 1
                 if self._batch.settings.batch.retry_rows == "live" and not hold.systemic:
@@ -266,10 +252,7 @@ class BatchEnrichStep(EnrichStep):
             if job.state != DELIVERED:
                 job.state = DELIVERED
                 self._batch.registry.save(job)
-        aligned: list[RowOutcome | None] = [None] * len(window.items)
-        for index, answered in zip(indexes, outcomes, strict=True):
-            aligned[index] = answered
-        return EnrichedWindow(window, aligned, started)
+        return aligned(window, indexes, outcomes, started)
 
     def _mode_of(self, window: Window) -> str:
         if self._backlog is None:

@@ -18,13 +18,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from consumer import audit
 from consumer.config import RetrySettings
-from consumer.enrich.holdback import HoldBackPolicy
+from consumer.enrich.holdback import Hold, HoldBackPolicy
 from consumer.enrich.outcome import RowOutcome
 from consumer.enrich.runner import WindowEnricher
 from consumer.pipeline.protocol import Deadline, Rejected, Step, Wakeup, join_in_order
@@ -173,31 +173,34 @@ class EnrichStep:
                 if hold is None:
                     break
                 todo = hold.rows_to_retry(outcomes)
-                failing = [outcomes[i] for i in todo]
-                first = failing[0].error
-                reason = first.reason if first else "unknown"
-                self._holding[window.id] = f"{reason} ({len(failing)} rows failing)"
-                log.warning(
-                    "window held back: offsets stay uncommitted",
-                    extra={
-                        "window_id": window.id,
-                        "reason": reason,
-                        "status_code": first.status_code if first else None,
-                        "systemic": hold.systemic,
-                        "failed_rows": len(failing),
-                        "retry_in_s": round(hold.seconds, 1),
-                    },
-                )
+                self._announce_hold(window, hold, [outcomes[i] for i in todo], "live")
                 await self._sleep_unless_closed(hold.seconds)
                 round_outcomes = await self._enricher.enrich([rows[i] for i in todo])
                 for index, outcome in zip(todo, round_outcomes, strict=True):
                     outcomes[index] = outcome
         finally:
             self._holding.pop(window.id, None)
-        aligned: list[RowOutcome | None] = [None] * len(window.items)
-        for index, outcome in zip(indexes, outcomes, strict=True):
-            aligned[index] = outcome
-        return EnrichedWindow(window, aligned, started)
+        return aligned(window, indexes, outcomes, started)
+
+    def _announce_hold(
+        self, window: Window, hold: Hold, failing: Sequence[RowOutcome], mode: str
+    ) -> None:
+        """Readiness names why the window waits, and one line says so."""
+        first = failing[0].error
+        reason = first.reason if first else "unknown"
+        self._holding[window.id] = f"{reason} ({len(failing)} rows failing)"
+        log.warning(
+            "window held back: offsets stay uncommitted",
+            extra={
+                "window_id": window.id,
+                "mode": mode,
+                "reason": reason,
+                "status_code": first.status_code if first else None,
+                "systemic": hold.systemic,
+                "failed_rows": len(failing),
+                "retry_in_s": round(hold.seconds, 1),
+            },
+        )
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
         if self._closed.is_set():
@@ -211,3 +214,13 @@ class EnrichStep:
             sleeping.cancel()
         if self._closed.is_set():
             raise _Abandoned
+
+
+def aligned(
+    window: Window, indexes: Sequence[int], outcomes: Sequence[RowOutcome | None], started: float
+) -> EnrichedWindow:
+    """The window with its rows' outcomes at their items' places (dead letters: None)."""
+    placed: list[RowOutcome | None] = [None] * len(window.items)
+    for index, outcome in zip(indexes, outcomes, strict=True):
+        placed[index] = outcome
+    return EnrichedWindow(window, placed, started)
