@@ -28,6 +28,22 @@ class SourceRecord:
         return TopicPartition(self.topic, self.partition)
 
 
+# Every reason a dead letter can have (decode, encode, deliver): the metrics create each at 0,
+# the dead-letter schema lists them.
+DEAD_LETTER_REASONS = (
+    "tombstone",
+    "empty",
+    "key_too_large",
+    "too_large",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "too_deep",
+    "internal_error",
+    "output_rejected",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """Why a message could not become a row; it goes to the DLQ with its bytes untouched."""

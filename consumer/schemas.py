@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from consumer.config import settings_json_schema
+from consumer.records import DEAD_LETTER_REASONS
 
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -114,18 +115,7 @@ def input_row_schema() -> dict[str, Any]:
 
 
 def dead_letter_schema() -> dict[str, Any]:
-    reasons = [
-        "tombstone",
-        "empty",
-        "key_too_large",
-        "too_large",
-        "invalid_utf8",
-        "invalid_json",
-        "not_an_object",
-        "too_deep",
-        "output_rejected",
-        "internal_error",
-    ]
+    reasons = list(DEAD_LETTER_REASONS)
     return {
         "$schema": _DRAFT,
         "title": "llm-consumer dead-letter record headers",

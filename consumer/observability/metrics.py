@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer import __version__
 from consumer.enrich.outcome import LOCAL_REASONS
+from consumer.records import DEAD_LETTER_REASONS
 from consumer.window import CloseReason
 
 if TYPE_CHECKING:
@@ -35,19 +36,6 @@ if TYPE_CHECKING:
     from consumer.window import Window
 
 PREFIX = "llm_consumer"
-# Every reason a dead letter can have (decode, encode, deliver); created at 0 at start.
-DEAD_LETTER_REASONS = (
-    "tombstone",
-    "empty",
-    "key_too_large",
-    "too_large",
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
-    "too_deep",
-    "internal_error",
-    "output_rejected",
-)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _WINDOW_ROWS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.observability.metrics import DEAD_LETTER_REASONS, parse_exposition
+from consumer.observability.metrics import parse_exposition
+from consumer.records import DEAD_LETTER_REASONS
 from tests.support.fake_llm_process import FakeLLM, fake_llm_process
 from tests.support.pipeline import (
     ROOT,
