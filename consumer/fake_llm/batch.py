@@ -174,7 +174,8 @@ class FakeBatches:
         self.counters.lines += len(lines)
         return _json(self._view(job))
 
-    async def retrieve(self, request: web.Request) -> web.Response:
+    def _job_of(self, request: web.Request) -> _Job | web.Response:
+        """The job the path names, moved on to where its clock says; or the error reply."""
         refused = self._refused(request)
         if refused is not None:
             return refused
@@ -184,7 +185,11 @@ class FakeBatches:
                 404, faults.openai_error("No such Batch object.", "invalid_request_error", None)
             )
         self._advance(job)
-        return _json(self._view(job))
+        return job
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        job = self._job_of(request)
+        return job if isinstance(job, web.Response) else _json(self._view(job))
 
     async def list(self, request: web.Request) -> web.Response:
         refused = self._refused(request)
@@ -198,15 +203,9 @@ class FakeBatches:
         )
 
     async def cancel(self, request: web.Request) -> web.Response:
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        job = self._jobs.get(request.match_info["batch_id"])
-        if job is None:
-            return _reply(
-                404, faults.openai_error("No such Batch object.", "invalid_request_error", None)
-            )
-        self._advance(job)
+        job = self._job_of(request)
+        if isinstance(job, web.Response):
+            return job
         if job.status not in ("completed", "failed", "expired", "cancelled"):
             job.cancelled = True
             self._finish(job, "cancelled", answered=0)
