@@ -178,7 +178,10 @@ async def test_rows_a_killed_member_paid_for_are_hits_on_the_member_that_takes_t
                 llm.base_url,
                 topics,
                 kafka=FAST_GROUP,
-                window={"max_messages": 100, "max_wait_ms": 500},
+                # Two windows in flight, not the default: a member with more would hold most
+                # of the rows of every partition it fetched before the other joins, and the
+                # victim would be handed partitions with nothing left to do.
+                window={"max_messages": 100, "max_wait_ms": 500, "max_pending_windows": 2},
                 llm={
                     "cache": {"backend": "kafka"},
                     "concurrency": {"initial": concurrency, "max": concurrency},
