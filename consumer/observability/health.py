@@ -50,6 +50,13 @@ class ProviderHealth:
             self._failing_since = self._clock()
         self._reason = reason
 
+    def undecided_for_s(self) -> float:
+        """How long a failure streak in progress has left before it counts as failing; 0 when
+        there is none (the last attempt succeeded) or it already counts."""
+        if self._failing_since is None:
+            return 0.0
+        return max(0.0, self.failing_after_s - (self._clock() - self._failing_since))
+
     def failing(self) -> str | None:
         """Why the provider counts as failing now (latest failure reason), or None."""
         if self._failing_since is None:

@@ -42,6 +42,8 @@ class ProviderState(Protocol):
 
     def failing(self) -> str | None: ...
 
+    def undecided_for_s(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class EnrichedWindow:
@@ -163,6 +165,8 @@ class EnrichStep:
         round_outcomes = outcomes
         try:
             while True:
+                if any(outcome.needs_retry_later for outcome in round_outcomes):
+                    await self._until_provider_decided()
                 hold = policy.next_hold(
                     outcomes,
                     round_outcomes,
@@ -181,6 +185,15 @@ class EnrichStep:
         finally:
             self._holding.pop(window.id, None)
         return aligned(window, indexes, outcomes, started)
+
+    async def _until_provider_decided(self) -> None:
+        """At the edge of an outage every request fails but the provider does not count as
+        down yet, and the successes of just before still say it works: a hold judged then
+        would use up the rows' partial holds, and a window whose rounds are quick would end
+        its rows as errors within the first seconds of an outage. Wait (at most
+        `failing_after_s`) until a success or the failure streak's length decides."""
+        while (left := self._health.undecided_for_s()) > 0:
+            await self._sleep_unless_closed(min(left, 0.05))
 
     def _announce_hold(
         self, window: Window, hold: Hold, failing: Sequence[RowOutcome], mode: str

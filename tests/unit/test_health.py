@@ -157,3 +157,16 @@ def test_reset_forgets_partitions_on_revocation() -> None:
     assert progress.stuck({p0: 1}) == [p0]
     progress.reset()
     assert progress.stuck({p0: 1}) == []  # assigned again: its wait starts over
+
+
+def test_a_failure_streak_is_undecided_until_it_counts_or_a_success_ends_it() -> None:
+    now = [0.0]
+    health = ProviderHealth(failing_after_s=2.0, clock=lambda: now[0])
+    assert health.undecided_for_s() == 0.0  # nothing failing: decided (up)
+    health.record_failure("server_error")
+    now[0] = 0.5
+    assert health.undecided_for_s() == 1.5
+    now[0] = 2.5
+    assert health.undecided_for_s() == 0.0 and health.failing() is not None  # decided: down
+    health.record_success()
+    assert health.undecided_for_s() == 0.0 and health.failing() is None

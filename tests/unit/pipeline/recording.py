@@ -181,9 +181,15 @@ class FakeHealth:
     def __init__(self) -> None:
         self.successes = 0
         self.down: str | None = None
+        # Seconds left before a failure streak counts (ProviderHealth.undecided_for_s); each
+        # call reports one step of `undecided_steps`, then 0.
+        self.undecided_steps: list[float] = []
 
     def failing(self) -> str | None:
         return self.down
+
+    def undecided_for_s(self) -> float:
+        return self.undecided_steps.pop(0) if self.undecided_steps else 0.0
 
 
 def fixed_rng() -> float:

@@ -245,6 +245,31 @@ async def test_a_row_failing_while_its_own_windows_rows_succeeded_is_not_held_fo
     assert failed.error.reason == "retries_exhausted"
 
 
+async def test_at_the_edge_of_an_outage_the_hold_waits_until_the_provider_counts_as_down() -> None:
+    """The round fails just after other requests succeeded, before the failure streak counts:
+    the step waits for the verdict instead of spending a partial hold on the outage."""
+    down_for = 3  # every request fails for three rounds: an outage, not these rows
+
+    def answer(row: dict[str, Any], attempt: int) -> RowOutcome:
+        return retryable_failure() if attempt <= down_for else success()
+
+    h = Harness(answer, partial_window_retries=0)
+    h.enricher.elsewhere = 1  # successes from just before the outage, in the first round only
+    h.health.undecided_steps = [1.5, 0.05]  # the streak is young when the first round ends
+
+    def on_sleep(seconds: float) -> None:
+        h.enricher.elsewhere = 0
+        if not h.health.undecided_steps:
+            h.health.down = "LLM provider failing for 2.0 s: server_error"
+
+    h.sleep.on_sleep = on_sleep
+    h.step.submit(window(row_item(0), row_item(1)))
+    await h.until_forwarded(1)
+    assert h.sleep.delays[:2] == [0.05, 0.05]  # waiting for the verdict, then holds
+    outcomes = h.next.submitted[0].outcomes
+    assert all(o is not None and o.completion is not None for o in outcomes), outcomes
+
+
 async def test_a_window_failing_everywhere_is_held_until_the_provider_recovers() -> None:
     down_for = 4  # the provider answers again from each row's 5th attempt
 
