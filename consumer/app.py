@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections import deque
 
 from consumer.config import Settings
@@ -31,9 +30,9 @@ from consumer.observability import (
     PipelineEvents,
     ProviderHealth,
 )
-from consumer.parts import build_parts, start_parts, stop_parts
+from consumer.parts import assign_parts, build_parts, start_parts, stop_parts
 from consumer.pipeline import Chain, Deadline, Rejected, Wakeup, build_chain
-from consumer.progress import ProgressLine
+from consumer.progress import with_progress
 from consumer.records import SourceRecord, TopicPartition
 from consumer.topics import check_topics, start_broker
 from consumer.window import CloseReason
@@ -132,16 +131,7 @@ class ConsumerApp:
             await stop_parts(self._parts)
             await self._client.aclose()
             await self.observability.stop()
-        tally = self._tally
-        log.info(
-            "stopped",
-            extra={
-                "rows_consumed": tally.consumed,
-                "rows_finished": tally.finished,
-                "rows_left_for_next_owner": max(0, tally.consumed - tally.finished),
-                "cost_usd": round(tally.cost_usd, 6),
-            },
-        )
+        log.info("stopped", extra=self._tally.exit_line())
         return 1 if failed else 0
 
     async def _loop(self) -> None:
@@ -189,15 +179,7 @@ class ConsumerApp:
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._chain is not None:  # eager rebalances revoke first; never run two chains
             await self._release(CloseReason.REVOKE)
-        if self._parts.transactions is not None:
-            await self._parts.transactions.assign(assigned)
-        if self._parts.shared_state is not None:
-            # Answers a member that died had paid for become hits here before any row runs.
-            caught = await self._parts.shared_state.catch_up(
-                self.settings.llm.cache.catch_up_timeout_s
-            )
-            self.metrics.cache_catch_up_seconds.set(caught.seconds)
-            self.metrics.cache_catch_up_lag.set(caught.lag)
+        await assign_parts(self._parts, assigned)
         self._chain = build_chain(self._parts, self._wakeup)
         self._wakeup.set()
         log.info("partitions assigned", extra={"partitions": sorted(map(tuple, assigned))})
@@ -260,14 +242,4 @@ async def run_app(settings: Settings, progress: bool = False) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
-    if not progress:
-        return await app.run()
-    line = ProgressLine(app.metrics.registry, sys.stderr, sys.stderr.isatty())
-    drawing = asyncio.create_task(line.run(), name="progress")
-    try:
-        return await app.run()
-    finally:
-        drawing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await drawing
-        line.finish()
+    return await (with_progress(app.run(), app.metrics.registry) if progress else app.run())

@@ -38,6 +38,7 @@ from consumer.pipeline.chain import Parts
 from consumer.pipeline.encode import Encoder
 from consumer.pipeline.protocol import Deadline
 from consumer.pipeline.report import Tally
+from consumer.records import TopicPartition
 from consumer.retry import Backoff
 from consumer.state import GlobalTable
 
@@ -218,6 +219,17 @@ async def start_parts(parts: Parts) -> None:
         await parts.spend_state.start()
         # What the group spent so far (a replica that died included) before the first request.
         await parts.spend_state.catch_up(parts.settings.llm.cache.catch_up_timeout_s)
+
+
+async def assign_parts(parts: Parts, assigned: set[TopicPartition]) -> None:
+    """Before a new assignment's chain runs: its transactional producers, and the cache
+    read to its end, so answers a member that died had paid for are hits here."""
+    if parts.transactions is not None:
+        await parts.transactions.assign(assigned)
+    if parts.shared_state is not None:
+        caught = await parts.shared_state.catch_up(parts.settings.llm.cache.catch_up_timeout_s)
+        parts.metrics.cache_catch_up_seconds.set(caught.seconds)
+        parts.metrics.cache_catch_up_lag.set(caught.lag)
 
 
 async def stop_parts(parts: Parts) -> None:

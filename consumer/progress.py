@@ -9,6 +9,8 @@ the pipeline has to report to it. Series that do not exist in this build or conf
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -160,3 +162,16 @@ class ProgressLine:
         else:
             self._out.write(line + "\n")
         self._out.flush()
+
+
+async def with_progress(run: Awaitable[int], registry: CollectorRegistry) -> int:
+    """`run` with the live line on stderr, and the run's summary once it ends."""
+    line = ProgressLine(registry, sys.stderr, sys.stderr.isatty())
+    drawing = asyncio.create_task(line.run(), name="progress")
+    try:
+        return await run
+    finally:
+        drawing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drawing
+        line.finish()

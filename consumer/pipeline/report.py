@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from consumer.enrich.outcome import RowOutcome
 from consumer.pipeline.encode import EncodedWindow
@@ -32,6 +32,15 @@ class Tally:
     @property
     def finished(self) -> int:
         return self.rows + self.dead_letters
+
+    def exit_line(self) -> dict[str, Any]:
+        """The fields of the "stopped" line: what was done, and what the next owner gets."""
+        return {
+            "rows_consumed": self.consumed,
+            "rows_finished": self.finished,
+            "rows_left_for_next_owner": max(0, self.consumed - self.finished),
+            "cost_usd": round(self.cost_usd, 6),
+        }
 
 
 class WindowMetrics(Protocol):
