@@ -4,11 +4,11 @@ The caller owns retries so that each attempt is reported to the limiter on its o
 is congestion, a success is a round trip, a 400 says nothing about capacity. A wait hint on an
 overload at capacity (or on a transient error) is this request's own: it sleeps the hint, with
 jitter, outside the limit, while the other rows go on; a hint on a spent rate quota closes the
-limiter's gate for everyone until the reset, so the retry simply waits for admission. Other
-retries draw on a process-wide retry budget (a share of recent first attempts plus a small
-floor): during an outage a row's retryable failure ends its attempts once the budget is spent,
-and the window hold-back takes over instead of multiplying the load. Backpressure retries draw
-on it only once the limit is at its floor (see `_spends_budget`).
+limiter's gate for everyone until the reset, so the retry simply waits for admission. Retries
+draw on a
+process-wide retry budget (a share of recent first attempts plus a small floor): during an
+outage a row's retryable failure ends its attempts once the budget is spent, and the window
+hold-back in the runner and app takes over instead of multiplying the load.
 """
 
 from __future__ import annotations
@@ -83,14 +83,6 @@ class LLMCaller:
         )
         limiter.retry_budget = self.retry_budget
 
-    def _spends_budget(self, failure: LLMFailure) -> bool:
-        """Backpressure is answered by the limiter: it cuts on the refusal and re-admits the
-        retry under the lower limit, so those retries cannot multiply the load, and a replica
-        that met a burst of 429s at start must not end its rows for it (its window would be
-        held back and its share of the provider lost). Once the limit is at its floor the
-        limiter can do no more, and the budget bounds backpressure retries like any other."""
-        return failure.kind is not FailureKind.BACKPRESSURE or self._limiter.at_floor
-
     def _estimate(self, messages: list[dict[str, str]]) -> int:
         estimate = getattr(self._client, "estimated_tokens", None)
         return int(estimate(messages)) if callable(estimate) else 0
@@ -152,7 +144,7 @@ class LLMCaller:
             if self._clock() >= gives_up_at:
                 log.debug("row deadline passed: %s ends after %d attempt(s)", failure, attempt)
                 return CallResult(None, failure, attempt)
-            if self._spends_budget(failure) and not self.retry_budget.try_spend():
+            if not self.retry_budget.try_spend():
                 log.debug("retry budget spent: %s ends after %d attempt(s)", failure, attempt)
                 spent = LLMFailure(
                     failure.kind,

@@ -301,11 +301,6 @@ class AIMDLimiter:
     def permits(self) -> int:
         return max(self._min, int(self._limit))
 
-    @property
-    def at_floor(self) -> bool:
-        """The limit cannot be cut further: only fewer retries can lower the load now."""
-        return self._limit <= self._min
-
     def state(self) -> LimiterState:
         now = self._clock()
         return LimiterState(

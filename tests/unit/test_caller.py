@@ -279,36 +279,11 @@ async def test_an_unexpected_exception_releases_the_permit_and_propagates() -> N
     assert limiter.state().in_flight == 0
 
 
-async def test_backpressure_retries_spend_no_retry_budget_while_the_limiter_can_still_cut() -> None:
-    now = [0.0]
-    budget = RetryBudget(ratio=0.0, min_per_s=0.1, window_s=10.0, clock=lambda: now[0])
-    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
-    busy = LLMFailure(FailureKind.BACKPRESSURE, "rate_limited", "slow down", 429)
-    client = StandIn(busy, busy, busy)
-    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), retry_budget=budget)  # type: ignore[arg-type]
-    result = await caller.call(MESSAGES)
-    assert result.completion is not None
-    assert result.attempts == 4  # three retries, where the budget's floor allows one
-    assert limiter.limit < 10  # the limiter answered the refusals instead
-
-
-async def test_at_the_limiters_floor_backpressure_retries_spend_the_retry_budget() -> None:
-    now = [0.0]
-    budget = RetryBudget(ratio=0.0, min_per_s=0.1, window_s=10.0, clock=lambda: now[0])
-    limiter = AIMDLimiter(1, 1, 100, clock=lambda: now[0])
-    busy = LLMFailure(FailureKind.BACKPRESSURE, "rate_limited", "slow down", 429)
-    client = StandIn(*[busy] * 10)
-    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), retry_budget=budget)  # type: ignore[arg-type]
-    result = await caller.call(MESSAGES)
-    assert result.retry_budget_exhausted
-    assert result.attempts == 2
-
-
 async def test_when_the_retry_budget_is_spent_a_retryable_failure_ends_the_row() -> None:
     now = [0.0]
     budget = RetryBudget(ratio=0.0, min_per_s=0.1, window_s=10.0, clock=lambda: now[0])
     limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
-    busy = LLMFailure(FailureKind.TRANSIENT, "server_error", "try later", 503)
+    busy = LLMFailure(FailureKind.BACKPRESSURE, "rate_limited", "slow down", 429)
     client = StandIn(*[busy] * 10)
     caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), retry_budget=budget)  # type: ignore[arg-type]
     result = await caller.call(MESSAGES)
@@ -316,7 +291,7 @@ async def test_when_the_retry_budget_is_spent_a_retryable_failure_ends_the_row()
     assert result.retry_budget_exhausted
     assert result.attempts == 2  # the floor allowed one retry, then the budget was spent
     assert result.failure is not None
-    assert result.failure.kind is FailureKind.TRANSIENT  # still retryable: the window decides
+    assert result.failure.kind is FailureKind.BACKPRESSURE  # still retryable: the window decides
     assert "retry budget exhausted" in result.failure.message
     assert limiter.state().retry_budget_tokens == pytest.approx(0.0)
 
