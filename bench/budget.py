@@ -33,11 +33,11 @@ from tests.support.pipeline import (  # noqa: E402
     ConsumerProcess,
     Topics,
     create_topics,
-    end_offsets,
     publish,
     read_topic,
     rows_to_messages,
     settings_file,
+    spend_per_period,
     wait_for_commits,
 )
 
@@ -56,20 +56,6 @@ class Result:
     window_cost: float
     error_rows: int
     seconds: float
-
-
-async def spend_per_period(bootstrap: str, group: str) -> dict[str, float]:
-    topic = f"{group}.llm-spend"
-    count = sum((await end_offsets(bootstrap, topic)).values())
-    latest: dict[bytes, float] = {}
-    for message in await read_topic(bootstrap, topic, expect=count, timeout_s=30):
-        if message.key is not None and message.value is not None:
-            latest[message.key] = orjson.loads(message.value)["usd"]
-    periods: dict[str, float] = {}
-    for key, usd in latest.items():
-        kind, index, _, _ = key.decode().split("/")
-        periods[f"{kind}/{index}"] = periods.get(f"{kind}/{index}", 0.0) + usd
-    return periods
 
 
 async def scenario(

@@ -19,12 +19,12 @@ from tests.support.pipeline import (
     ConsumerProcess,
     Topics,
     create_topics,
-    end_offsets,
     publish,
     read_topic,
     readiness,
     rows_to_messages,
     settings_file,
+    spend_per_period,
     wait_for_commits,
 )
 
@@ -47,21 +47,6 @@ async def until(check: Callable[[], Any], what: str, timeout_s: float = 60.0) ->
 async def held_for_budget(port: int) -> bool:
     status, body = await readiness(port)
     return status == 503 and "budget_exhausted" in orjson.dumps(body).decode()
-
-
-async def spend_per_period(bootstrap: str, group: str) -> dict[str, float]:
-    """The spend topic as the ledger keeps it: period -> USD over every replica's key."""
-    topic = f"{group}.llm-spend"
-    count = sum((await end_offsets(bootstrap, topic)).values())
-    latest: dict[bytes, float] = {}
-    for message in await read_topic(bootstrap, topic, expect=count, timeout_s=30):
-        if message.key is not None and message.value is not None:
-            latest[message.key] = orjson.loads(message.value)["usd"]
-    periods: dict[str, float] = {}
-    for key, usd in latest.items():
-        kind, index, _, _ = key.decode().split("/")
-        periods[f"{kind}/{index}"] = periods.get(f"{kind}/{index}", 0.0) + usd
-    return periods
 
 
 def budget_settings(

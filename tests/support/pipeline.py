@@ -296,3 +296,18 @@ async def readiness(port: int) -> tuple[int, Any]:
         return response.status_code, response.json()
     except (httpx.TransportError, ValueError):
         return 0, None
+
+
+async def spend_per_period(bootstrap: str, group: str) -> dict[str, float]:
+    """The spend topic as the ledger keeps it: period -> USD over every replica's key."""
+    topic = f"{group}.llm-spend"
+    count = sum((await end_offsets(bootstrap, topic)).values())
+    latest: dict[bytes, float] = {}
+    for message in await read_topic(bootstrap, topic, expect=count, timeout_s=30):
+        if message.key is not None and message.value is not None:
+            latest[message.key] = orjson.loads(message.value)["usd"]
+    periods: dict[str, float] = {}
+    for key, usd in latest.items():
+        kind, index, _, _ = key.decode().split("/")
+        periods[f"{kind}/{index}"] = periods.get(f"{kind}/{index}", 0.0) + usd
+    return periods
