@@ -5,16 +5,22 @@ is congestion, a success is a round trip, a 400 says nothing about capacity. A w
 overload at capacity (or on a transient error) is this request's own: it sleeps the hint, with
 jitter, outside the limit, while the other rows go on; a hint on a spent rate quota closes the
 limiter's gate for everyone until the reset, so the retry simply waits for admission. Retries
-draw on a
-process-wide retry budget (a share of recent first attempts plus a small floor): during an
-outage a row's retryable failure ends its attempts once the budget is spent, and the window
-hold-back in the runner and app takes over instead of multiplying the load.
+draw on a process-wide retry budget (a share of recent first attempts plus a small floor):
+during an outage a row's retryable failure ends its attempts once the budget is spent, and the
+window hold-back in the runner and app takes over instead of multiplying the load.
+
+Backpressure while the provider answers others (replicas or windows contending for one
+capacity or quota) is not the row's failure: it uses up none of the row's `max_attempts`, and
+a spent retry budget makes the retry wait (with backoff) instead of ending the row, until the
+row deadline. The limit already bounds the load those retries add; ending such rows held their
+windows back, and a replica held back lost its share of the capacity to the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +35,10 @@ from consumer.llm.limiter import AIMDLimiter
 from consumer.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+# A model that answered a request this recently is up: its backpressure is contention. The same
+# span as ProviderHealth's default `failing_after_s`, after which readiness calls it failing.
+_ANSWERING_WITHIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class LLMCaller:
             )
         )
         limiter.retry_budget = self.retry_budget
+        self._last_success_at = -math.inf
 
     def _estimate(self, messages: list[dict[str, str]]) -> int:
         estimate = getattr(self._client, "estimated_tokens", None)
@@ -91,7 +102,9 @@ class LLMCaller:
         tokens = self._estimate(messages)
         failure: LLMFailure | None = None
         gives_up_at = self._clock() + self._retry.row_deadline_s
-        for attempt in range(1, self._retry.max_attempts + 1):
+        attempt = counted = budget_waits = 0
+        while True:
+            attempt += 1
             if attempt == 1:
                 self.retry_budget.record_request()
             try:
@@ -104,6 +117,7 @@ class LLMCaller:
             try:
                 completion = await self._client.complete(messages)
                 status = "200"
+                self._last_success_at = self._clock()
                 used = completion.usage.total_tokens or None
                 self._limiter.on_success(ticket, used, completion.rate_limits)
                 if self._health is not None:
@@ -139,12 +153,21 @@ class LLMCaller:
                     self._on_attempt(status, time.monotonic() - started, attempt)
             if not failure.kind.retryable:
                 return CallResult(None, failure, attempt)
-            if attempt >= self._retry.max_attempts:
-                break
+            contended = self._contended(failure)
+            counted += not contended
+            if counted >= self._retry.max_attempts:
+                return CallResult(None, failure, attempt)
             if self._clock() >= gives_up_at:
                 log.debug("row deadline passed: %s ends after %d attempt(s)", failure, attempt)
                 return CallResult(None, failure, attempt)
-            if not self.retry_budget.try_spend():
+            while contended and not self.retry_budget.try_spend():
+                budget_waits += 1
+                await self._sleep(self._backoff.delay(budget_waits))
+                if self._clock() >= gives_up_at:
+                    return CallResult(None, failure, attempt)
+                contended = self._contended(failure)
+            budget_waits = 0
+            if not contended and not self.retry_budget.try_spend():
                 log.debug("retry budget spent: %s ends after %d attempt(s)", failure, attempt)
                 spent = LLMFailure(
                     failure.kind,
@@ -157,5 +180,13 @@ class LLMCaller:
             if own_wait:
                 await self._sleep(self._limiter.hint_delay(own_wait))
             elif failure.retry_after_s is None:
-                await self._sleep(self._backoff.delay(attempt))
-        return CallResult(None, failure, self._retry.max_attempts)
+                await self._sleep(self._backoff.delay(max(1, counted)))
+
+    def _contended(self, failure: LLMFailure) -> bool:
+        """Backpressure while this model still answers others: the limit's business, not the
+        row's. Once nothing has succeeded for a while it is an ordinary retryable failure, so
+        an outage still ends rows and the window hold-back takes over."""
+        return (
+            failure.kind is FailureKind.BACKPRESSURE
+            and self._clock() - self._last_success_at < _ANSWERING_WITHIN_S
+        )

@@ -389,3 +389,78 @@ async def test_an_error_inside_a_200_is_an_answer_not_a_provider_failure() -> No
     result = await caller.call(MESSAGES)
     assert result.failure is not None and result.failure.status_code == 200
     assert observed.events == []
+
+
+class Script:
+    """A client stand-in that plays its script in order: an exception fails that attempt, None
+    answers it. Every row's call takes the next step, so rows can interleave."""
+
+    def __init__(self, *steps: BaseException | None) -> None:
+        self.steps = list(steps)
+
+    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+        step = self.steps.pop(0)
+        if step is not None:
+            raise step
+        return Completion("ok", "m", Usage(1, 1, 2), "stop")
+
+
+def busy() -> LLMFailure:
+    return LLMFailure(FailureKind.BACKPRESSURE, "rate_limited", "at capacity", 429)
+
+
+async def test_contention_while_the_model_answers_others_uses_up_none_of_the_rows_attempts() -> (
+    None
+):
+    now = [0.0]
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
+    client = Script(None, *[busy() for _ in range(6)], None)
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), clock=lambda: now[0])  # type: ignore[arg-type]
+    assert (await caller.call(MESSAGES)).completion is not None  # the model answers
+    result = await caller.call(MESSAGES)
+    assert result.completion is not None
+    assert result.attempts == 7 > RETRY.max_attempts
+
+
+async def test_contention_with_the_retry_budget_spent_waits_for_budget_instead_of_ending() -> None:
+    now = [0.0]
+    budget = RetryBudget(ratio=0.5, min_per_s=0.0, window_s=10.0, clock=lambda: now[0])
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
+    # the row, another row answered while the row waits, the row, two more others, the row
+    client = Script(None, busy(), None, busy(), None, None, None)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        # while this row waits, another row is answered: its first attempt earns half a retry
+        waits.append(seconds)
+        assert (await caller.call(MESSAGES)).completion is not None
+
+    caller = LLMCaller(
+        client,  # type: ignore[arg-type]
+        limiter,
+        RETRY,
+        sleep=sleep,
+        rng=lambda: 1.0,
+        clock=lambda: now[0],
+        retry_budget=budget,
+    )
+    assert (await caller.call(MESSAGES)).completion is not None
+    result = await caller.call(MESSAGES)
+    assert result.completion is not None
+    assert not result.retry_budget_exhausted
+    assert result.attempts == 3
+    # the backoff after the first 429, the wait for budget after the second (one other row's
+    # half a retry was not enough), the backoff before the third attempt
+    assert len(waits) == 3
+
+
+async def test_backpressure_after_the_model_stopped_answering_ends_the_row_as_before() -> None:
+    now = [0.0]
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
+    client = Script(None, *[busy() for _ in range(10)])
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), clock=lambda: now[0])  # type: ignore[arg-type]
+    assert (await caller.call(MESSAGES)).completion is not None
+    now[0] = 60.0  # nothing answered since: an outage, not contention
+    result = await caller.call(MESSAGES)
+    assert result.completion is None
+    assert result.attempts == RETRY.max_attempts
