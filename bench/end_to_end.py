@@ -130,14 +130,15 @@ class Contender:
     loop: bool = False
     window: int | None = None
     pending: int | None = None
+    idle: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Contender:
-        """`default` or `max_messages:max_pending_windows`."""
+        """`default` or `max_messages:max_pending_windows[:max_pending_windows_when_idle]`."""
         if text == "default":
             return cls()
-        window, pending = (int(part) for part in text.split(":"))
-        return cls(window=window, pending=pending)
+        window, pending, *idle = (int(part) for part in text.split(":"))
+        return cls(window=window, pending=pending, idle=idle[0] if idle else None)
 
     @property
     def label(self) -> str:
@@ -146,13 +147,17 @@ class Contender:
         if self.window is None:
             d = WindowSettings()
             return f"default (w={d.max_messages} p={d.max_pending_windows} {d.max_wait_ms} ms)"
-        return f"w={self.window} p={self.pending}"
+        idle = "" if self.idle is None else f" idle={self.idle}"
+        return f"w={self.window} p={self.pending}{idle}"
 
     @property
     def slug(self) -> str:
         if self.loop:
             return "loop"
-        return "default" if self.window is None else f"w{self.window}-p{self.pending}"
+        if self.window is None:
+            return "default"
+        idle = "" if self.idle is None else f"-i{self.idle}"
+        return f"w{self.window}-p{self.pending}{idle}"
 
 
 @dataclass
@@ -319,6 +324,8 @@ def _consumer_settings(
             "max_wait_ms": 500,
             "max_pending_windows": contender.pending,
         }
+        if contender.idle is not None:
+            window["max_pending_windows_when_idle"] = contender.idle
     path = settings_file(
         workdir,
         broker.bootstrap,
@@ -608,7 +615,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--shapes",
         default=None,
-        help="comma list of max_messages:max_pending_windows, or `default` for the "
+        help="comma list of max_messages:max_pending_windows[:max_pending_windows_when_idle], "
+        "or `default` for the "
         "consumer's own window settings",
     )
     parser.add_argument(

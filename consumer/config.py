@@ -136,6 +136,34 @@ class WindowSettings(_Model):
             "own window while the others keep the limit busy."
         ),
     )
+    max_pending_windows_when_idle: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description=(
+            "While every window in flight waits on rows sleeping out a provider's wait hint "
+            "and the limiter has free permits with nothing queued for them, more windows are "
+            "started, one at a time, up to this many (never while a window is held back or "
+            "the provider is failing). Default: 4 x max_pending_windows. Set it to "
+            "max_pending_windows to turn this off."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _idle_bound_not_below_the_bound(self) -> WindowSettings:
+        idle = self.max_pending_windows_when_idle
+        if idle is not None and idle < self.max_pending_windows:
+            raise ValueError(
+                f"window.max_pending_windows_when_idle ({idle}) must be at least "
+                f"window.max_pending_windows ({self.max_pending_windows})"
+            )
+        return self
+
+    @property
+    def windows_when_idle(self) -> int:
+        """The bound while the limit idles: as configured, else 4 x max_pending_windows."""
+        idle = self.max_pending_windows_when_idle
+        return 4 * self.max_pending_windows if idle is None else idle
 
 
 class ConcurrencySettings(_Model):

@@ -322,6 +322,16 @@ class AIMDLimiter:
 
     # ---- admission ------------------------------------------------------------------------
 
+    def idle(self) -> bool:
+        """Free permits and no request waiting for one (a closed quota gate is not idle)."""
+        now = self._clock()
+        return (
+            not self._waiters
+            and not self._retries
+            and self._blocked_until(now, 0) <= now
+            and self._in_flight < self._permits_now(now)
+        )
+
     def check_fits(self, tokens: int) -> None:
         """Fail fast, as a row error, when one request is bigger than the whole token budget."""
         if self._tpm is not None and tokens > self._tpm.capacity:

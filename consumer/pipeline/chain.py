@@ -118,7 +118,12 @@ def build_chain(parts: Parts, wakeup: Wakeup) -> Chain:
         flushed = FlushStateStep(parts.audit, lambda _: None, flushed, wakeup)
     retry = settings.llm.retry
     # llm.mode batch or auto: the batch step, with windows in flight bounded by its setting.
-    enrich_step: Callable[..., EnrichStep] = EnrichStep
+    # Live: more windows while rows sleep out wait hints and the limit idles (see EnrichStep).
+    enrich_step: Callable[..., EnrichStep] = partial(
+        EnrichStep,
+        limit_idle=parts.limiter.idle,
+        max_windows_when_idle=settings.window.windows_when_idle,
+    )
     max_windows = settings.window.max_pending_windows
     if parts.batch is not None:
         backlog = None

@@ -6,6 +6,13 @@ takes the slots the older one's slow tail leaves free. Windows leave in arrival 
 window size decides how often offsets are committed and how much is held in memory, not how
 fast rows go.
 
+A row refused at capacity waits out the provider's hint outside the limit, and its window
+cannot leave before it: with hints of seconds, every window in flight can be waiting on such a
+row while the limit has free permits and nobody queues for them. Then (and only while no window
+is held back and the provider answers) one more window at a time is started, up to
+`max_pending_windows_when_idle`, so a long hint costs that row's window its latency, not the
+limit its work.
+
 A window whose round failed systemically (see `enrich/holdback.py`) is held back: it waits,
 retries its failing rows, and keeps every window behind it (and their offsets) waiting too.
 Once the chain is closed (revocation, shutdown), a held window gives up at once, and the
@@ -69,6 +76,9 @@ class EnrichStep:
         backoff: Backoff,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        limit_idle: Callable[[], bool] | None = None,
+        max_windows_when_idle: int = 0,
     ) -> None:
         self._enricher = enricher
         self._retry = retry
@@ -83,6 +93,10 @@ class EnrichStep:
         self._holding: dict[str, str] = {}
         self._closed = asyncio.Event()
         self._abandoned = False
+        # `limit_idle`: the limiter has free permits and no request waits for one.
+        self._limit_idle = limit_idle
+        self._max_windows_when_idle = max_windows_when_idle
+        self._unstarted = 0  # submitted windows whose rows have not reached the limiter yet
 
     @property
     def held_back_reason(self) -> str | None:
@@ -96,9 +110,10 @@ class EnrichStep:
     def submit(self, value: Window) -> None:
         if self._abandoned:
             return  # nothing behind an abandoned window can be delivered: the next owner reads it
-        if len(self._in_flight) >= self._max_windows:
+        if len(self._in_flight) >= self._max_windows and not self._limit_waits_for_work():
             raise Rejected
-        task = asyncio.create_task(self._enrich(value), name=f"enrich-{value.id}")
+        self._unstarted += 1
+        task = asyncio.create_task(self._started(value), name=f"enrich-{value.id}")
         task.add_done_callback(lambda _: self._wakeup.set())
         self._in_flight.append((value, task))
 
@@ -130,6 +145,23 @@ class EnrichStep:
         if self._in_flight and not self._in_flight[0][1].done():
             return self._in_flight[0][1]
         return None
+
+    def _limit_waits_for_work(self) -> bool:
+        """Room for one window beyond `max_windows`: the limit idles while every window in
+        flight waits (on hinted rows), the provider answers, and no window is held back. One at
+        a time: a window just started has not queued its rows at the limiter yet."""
+        return (
+            self._limit_idle is not None
+            and len(self._in_flight) < self._max_windows_when_idle
+            and self._unstarted == 0
+            and not self._holding
+            and self._health.failing() is None
+            and self._limit_idle()
+        )
+
+    async def _started(self, window: Window) -> EnrichedWindow:
+        self._unstarted -= 1
+        return await self._enrich(window)
 
     def _forward(self) -> bool:
         """Pass finished windows on in order; True when nothing is left that could be."""

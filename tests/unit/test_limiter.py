@@ -83,6 +83,29 @@ def test_never_admits_more_than_the_permits() -> None:
     assert lim.try_acquire() is None
 
 
+async def test_idle_means_free_permits_nobody_waiting_for_them_and_no_quota_gate() -> None:
+    clock = FakeClock()
+    lim = limiter(initial=2, clock=clock)
+    assert lim.idle()
+    tickets = fill(lim)
+    assert not lim.idle()  # every permit in use
+    lim.on_ignore(tickets.pop())
+    assert lim.idle()
+    waiting = asyncio.ensure_future(lim.acquire())
+    lim.try_acquire()
+    await asyncio.sleep(0)
+    assert not waiting.done() and not lim.idle()  # a request waits for a permit
+    waiting.cancel()
+    await asyncio.sleep(0)
+    lim.on_ignore()
+    lim.on_ignore()
+    assert lim.idle()
+    lim.defer(5.0)
+    assert not lim.idle()  # the quota gate holds every admission
+    clock.now = 10.0
+    assert lim.idle()
+
+
 def test_a_ticket_remembers_in_flight_at_admission() -> None:
     lim = limiter(initial=3)
     assert [t.in_flight_at_admission for t in fill(lim)] == [1, 2, 3]

@@ -83,6 +83,8 @@ class Harness:
         max_windows: int = 4,
         partial_window_retries: int = 2,
         blocking_sleep: bool = False,
+        limit_idle: Callable[[], bool] | None = None,
+        max_windows_when_idle: int = 0,
     ) -> None:
         self.health = FakeHealth()
         self.enricher = ScriptedEnricher(self.health, answer)
@@ -100,6 +102,8 @@ class Harness:
             Backoff(2.0, 60.0, fixed_rng),
             sleep=self.sleep,
             clock=self.clock,
+            limit_idle=limit_idle,
+            max_windows_when_idle=max_windows_when_idle,
         )
 
     def forwarded(self) -> list[Window]:
@@ -154,6 +158,47 @@ async def test_more_windows_than_max_windows_are_rejected_until_one_is_forwarded
     assert h.step.in_flight == 2
     gates[1].set()
     await h.until_forwarded(3)
+
+
+async def test_while_the_limit_idles_one_more_window_at_a_time_starts_up_to_the_idle_bound() -> (
+    None
+):
+    idle = [True]
+    h = Harness(max_windows=2, limit_idle=lambda: idle[0], max_windows_when_idle=4)
+    gates = [h.enricher.gate(i) for i in range(6)]  # every window waits (on a hinted row, say)
+    h.step.submit(window(row_item(0)))
+    h.step.submit(window(row_item(1)))
+    await turns()
+    h.step.submit(window(row_item(2)))  # beyond max_windows: the limit idles
+    with pytest.raises(Rejected):
+        h.step.submit(window(row_item(3)))  # the last one has not queued its rows yet
+    await turns()
+    h.step.submit(window(row_item(3)))
+    await turns()
+    with pytest.raises(Rejected):
+        h.step.submit(window(row_item(4)))  # the idle bound
+    assert h.step.in_flight == 4
+    for gate in gates:
+        gate.set()
+    await h.until_forwarded(4)
+
+
+async def test_a_busy_limit_a_held_window_or_a_failing_provider_start_no_extra_window() -> None:
+    idle = [False]
+    h = Harness(max_windows=1, limit_idle=lambda: idle[0], max_windows_when_idle=4)
+    gate = h.enricher.gate(0)
+    h.step.submit(window(row_item(0)))
+    await turns()
+    with pytest.raises(Rejected):
+        h.step.submit(window(row_item(1)))  # rows queue at the limiter: it is not idle
+    idle[0] = True
+    h.health.down = "LLM provider failing for 3.0 s: overloaded"
+    with pytest.raises(Rejected):
+        h.step.submit(window(row_item(1)))  # more windows would only fail too
+    h.health.down = None
+    h.step.submit(window(row_item(1)))
+    gate.set()
+    await h.until_forwarded(2)
 
 
 async def test_a_finished_window_the_next_step_rejects_still_takes_a_slot() -> None:
