@@ -21,7 +21,7 @@ demo: install
 	bash examples/sentiment/demo.sh
 
 test: install lint typecheck validate-deploy
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=15
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

@@ -1,18 +1,19 @@
 """Many replicas, one provider: N real consumer processes in one group against one fake LLM.
 
     .venv/bin/python bench/replicas.py [--replicas 3] [--schedule 10:15,24:20,12:20,36:20]
-        [--rpm 6000] [--latency-ms 200] [--retry-after-s 1.0] [--no-plot]
+        [--rpm 6000] [--latency-ms 200] [--retry-after-s 1.0] [--window default|M:P] [--no-plot]
 
 The fake has a moving concurrency capacity (429 at capacity with a Retry-After hint) and a fixed
 request quota announced in OpenAI's x-ratelimit-* headers (a quota 429 beyond it); no budget is
-configured in the consumers. The schedule starts once every replica has finished a window
-(start-up and group joins are not measured), and its first segment is a warm-up, left out of
-the figures too. Reported: the total goodput against the nominal (the
-capacity / latency integrated over the measured time, at most rpm / 60 per second of it), each
-replica's rows and
-share, Jain's fairness index of the per-replica goodput, the 429s (capacity and quota) and the
-limit traces (the `limit` of each replica's `window done` log lines), with a plot.
-It starts a local broker (KAFKA_BOOTSTRAP_SERVERS is honoured).
+configured in the consumers, which run the consumer's own window and retry settings, as a
+user's would (`--window M:P` sets max_messages and max_pending_windows). The schedule starts
+once every replica has finished a window (start-up and group joins are not measured), and its
+first segment is a warm-up, left out of the figures too. Reported: the total goodput against
+the nominal (the capacity / latency integrated over the measured time, at most rpm / 60 per
+second of it), each replica's rows and share, Jain's fairness index of the per-replica
+goodput, the 429s (capacity and quota), each replica's held-back windows and partition
+assignments, and the limit traces (the `limit` of each replica's `window done` log lines),
+with a plot. It starts a local broker (KAFKA_BOOTSTRAP_SERVERS is honoured).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from consumer.config import WindowSettings  # noqa: E402
 from consumer.fake_llm.config import parse_capacity_schedule  # noqa: E402
 from tests.support.fake_llm_process import fake_llm_process  # noqa: E402
 from tests.support.kafka_broker import kafka_broker  # noqa: E402
@@ -63,6 +65,25 @@ def nominal_rows(
         total += capacity_at(t, schedule) / latency_s * 0.1
         t += 0.1
     return min(total, rpm / 60.0 * (end - start)) if rpm else total
+
+
+def count_lines(process: ConsumerProcess, msg: str, start: float, end: float) -> int:
+    """Log lines with this message logged within [start, end)."""
+    count = 0
+    for line in process.log_lines():
+        if line.get("msg") == msg:
+            ts = datetime.datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()
+            count += start <= ts < end
+    return count
+
+
+def window_section(shape: str) -> dict[str, Any]:
+    """`default` (the consumer's own window settings) or `max_messages:max_pending_windows`."""
+    defaults = WindowSettings()
+    if shape == "default":
+        return {"max_messages": defaults.max_messages, "max_wait_ms": defaults.max_wait_ms}
+    messages, pending = (int(part) for part in shape.split(":"))
+    return {"max_messages": messages, "max_wait_ms": 500, "max_pending_windows": pending}
 
 
 def jain(values: list[float]) -> float:
@@ -103,8 +124,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 broker.bootstrap,
                 llm.base_url,
                 topics,
-                window={"max_messages": 256, "max_wait_ms": 500, "max_pending_windows": 2},
-                llm={"concurrency": {"initial": 16, "min": 1, "max": 128}},
+                window=window_section(args.window),
+                # the defaults, not the tests' quick retries
+                llm={"concurrency": {"initial": 16, "min": 1, "max": 128}, "retry": {}},
                 logging={"format": "json", "level": "INFO"},
             )
             llm.configure(capacity=schedule[0][0])
@@ -140,12 +162,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "rpm": args.rpm,
         "latency_ms": args.latency_ms,
         "retry_after_s": args.retry_after_s,
+        "window": args.window,
         "total_rows_per_s": sum(per_replica),
         "nominal_rows_per_s": nominal,
         "goodput": sum(per_replica) / nominal,
         "per_replica_rows_per_s": per_replica,
         "shares": [x / sum(per_replica) if sum(per_replica) else 0.0 for x in per_replica],
         "jain": jain(per_replica),
+        "held_back_windows": [
+            count_lines(r, "window held back: offsets stay uncommitted", t0, end) for r in replicas
+        ],
+        "assignments": [count_lines(r, "partitions assigned", t0, end) for r in replicas],
         "requests": stats["requests"],
         "by_status": stats["by_status"],
         "share_429": stats["rejected_429"] / max(1, stats["requests"]),
@@ -196,6 +223,7 @@ def main() -> int:
     parser.add_argument("--rpm", type=int, default=6000)
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--retry-after-s", type=float, default=1.0)
+    parser.add_argument("--window", default="default", help="default, or M:P")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

@@ -197,6 +197,18 @@ def test_concurrency_min_above_initial_is_an_error() -> None:
     assert "min <= initial <= max" in text
 
 
+def test_the_idle_window_bound_defaults_to_four_times_the_bound_and_is_never_below_it() -> None:
+    data = minimal()
+    data["window"] = {"max_pending_windows": 3}
+    assert parse_settings(data, environ={}).window.windows_when_idle == 12
+    data["window"]["max_pending_windows_when_idle"] = 3  # equal: the idle extra is off
+    assert parse_settings(data, environ={}).window.windows_when_idle == 3
+    data["window"]["max_pending_windows_when_idle"] = 2
+    text = error_text(data)
+    assert "max_pending_windows_when_idle (2) must be at least" in text
+    assert "window.max_pending_windows (3)" in text
+
+
 def test_input_topic_equal_to_output_topic_is_an_error() -> None:
     data = minimal()
     data["kafka"]["output_topic"] = "rows"
