@@ -10,10 +10,12 @@ during an outage a row's retryable failure ends its attempts once the budget is 
 window hold-back in the runner and app takes over instead of multiplying the load.
 
 Backpressure while the provider answers others (replicas or windows contending for one
-capacity or quota) is not the row's failure: it uses up none of the row's `max_attempts`, and
-a spent retry budget makes the retry wait (with backoff) instead of ending the row, until the
-row deadline. The limit already bounds the load those retries add; ending such rows held their
-windows back, and a replica held back lost its share of the capacity to the others.
+capacity or quota) is not the row's failure: it uses up none of the row's `max_attempts` and
+none of the retry budget, and only the row deadline ends it. Each such retry still waits its
+hint and then for a permit, so the limit bounds the load they add, which is what the budget is
+for. Ending such rows held their windows back, and a replica held back lost its share of the
+capacity to the others; making them wait for budget instead starved a replica whose windows
+were all waiting (no first attempts, so no budget).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class LLMCaller:
         tokens = self._estimate(messages)
         failure: LLMFailure | None = None
         gives_up_at = self._clock() + self._retry.row_deadline_s
-        attempt = counted = budget_waits = 0
+        attempt = counted = 0
         while True:
             attempt += 1
             if attempt == 1:
@@ -160,13 +162,6 @@ class LLMCaller:
             if self._clock() >= gives_up_at:
                 log.debug("row deadline passed: %s ends after %d attempt(s)", failure, attempt)
                 return CallResult(None, failure, attempt)
-            while contended and not self.retry_budget.try_spend():
-                budget_waits += 1
-                await self._sleep(self._backoff.delay(budget_waits))
-                if self._clock() >= gives_up_at:
-                    return CallResult(None, failure, attempt)
-                contended = self._contended(failure)
-            budget_waits = 0
             if not contended and not self.retry_budget.try_spend():
                 log.debug("retry budget spent: %s ends after %d attempt(s)", failure, attempt)
                 spent = LLMFailure(

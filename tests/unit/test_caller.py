@@ -422,36 +422,25 @@ async def test_contention_while_the_model_answers_others_uses_up_none_of_the_row
     assert result.attempts == 7 > RETRY.max_attempts
 
 
-async def test_contention_with_the_retry_budget_spent_waits_for_budget_instead_of_ending() -> None:
+async def test_contention_spends_no_retry_budget_and_does_not_end_when_it_is_spent() -> None:
     now = [0.0]
-    budget = RetryBudget(ratio=0.5, min_per_s=0.0, window_s=10.0, clock=lambda: now[0])
+    budget = RetryBudget(ratio=0.0, min_per_s=0.0, window_s=10.0, clock=lambda: now[0])
     limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
-    # the row, another row answered while the row waits, the row, two more others, the row
-    client = Script(None, busy(), None, busy(), None, None, None)
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        # while this row waits, another row is answered: its first attempt earns half a retry
-        waits.append(seconds)
-        assert (await caller.call(MESSAGES)).completion is not None
-
+    client = Script(None, busy(), busy(), busy(), None)
     caller = LLMCaller(
         client,  # type: ignore[arg-type]
         limiter,
         RETRY,
-        sleep=sleep,
-        rng=lambda: 1.0,
+        sleep=Sleeps(),
         clock=lambda: now[0],
         retry_budget=budget,
     )
-    assert (await caller.call(MESSAGES)).completion is not None
+    assert budget.tokens() == 0.0  # an empty budget: an outage's retry would end the row
+    assert (await caller.call(MESSAGES)).completion is not None  # the model answers
     result = await caller.call(MESSAGES)
     assert result.completion is not None
     assert not result.retry_budget_exhausted
-    assert result.attempts == 3
-    # the backoff after the first 429, the wait for budget after the second (one other row's
-    # half a retry was not enough), the backoff before the third attempt
-    assert len(waits) == 3
+    assert result.attempts == 4
 
 
 async def test_backpressure_after_the_model_stopped_answering_ends_the_row_as_before() -> None:
