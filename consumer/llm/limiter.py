@@ -18,7 +18,10 @@ Decisions, and why:
   The cut starts from the requests in flight (the limit may have run ahead of them while
   climbing), but from no lower than one cut of the limit, so one event takes at most two cuts'
   worth (with one request in flight, a proxy refusing for its own reasons, three 429s used to
-  take the limit from 16 to 1).
+  take the limit from 16 to 1). Each further refusal of the same event lowers the congestion
+  level by one (those requests did not fit either), so a limit far above the capacity (a
+  start, a capacity drop, replicas all at `initial`) comes down in one round trip instead of
+  one cut per round trip, each with its own round of 429s.
 - Two kinds of overload (consumer/llm/ratelimit.py tells them apart). At capacity (503, 529, a
   plain 429) the limit is cut and only the request that got the hint waits it, with jitter
   (`hint_delay`): the requests in flight still succeed, and a limiter-wide gate for a 1 s hint
@@ -322,6 +325,16 @@ class AIMDLimiter:
 
     # ---- admission ------------------------------------------------------------------------
 
+    def fit_slots(self, slots: int, *, keep_latency_signal: bool = False) -> None:
+        """A server that serves `slots` requests at once and queues the rest (it said so):
+        cap the limit at one above them, so a slot never idles while the client turns a
+        request around and at most one request waits; the latency probe has nothing left to
+        find, unless asked to keep it."""
+        self._max = max(self._min, min(self._max, slots + 1))
+        self._limit = min(self._limit, float(self._max))
+        if not keep_latency_signal:
+            self._queue_probe = None
+
     def idle(self) -> bool:
         """Free permits and no request waiting for one (a closed quota gate is not idle)."""
         now = self._clock()
@@ -516,7 +529,15 @@ class AIMDLimiter:
 
     def _decrease(self, ticket: Ticket, now: float, why: str) -> None:
         if ticket.admitted_at <= self._last_decrease_at:
-            return  # part of the event the last cut already answered
+            # Part of the event the last cut already answered: no second cut, but one more
+            # request refused at once says the capacity was one lower than the level the cut
+            # started from. A start or a capacity drop far above the capacity (every replica
+            # at `initial`) is then answered in one round trip instead of one cut per round
+            # trip, each adding its round of 429s.
+            if self._ceiling is not None:
+                self._ceiling = max(1.0, self._ceiling - 1.0)
+                self._limit = max(float(self._min), min(self._limit, self._ceiling * self._factor))
+            return
         before = self._limit
         # Where the overload showed: the requests in flight when it was answered, this one
         # included (the limit may have run ahead of that while climbing, and refused rows

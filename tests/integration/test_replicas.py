@@ -58,7 +58,8 @@ async def test_two_replicas_against_one_capacity_both_finish_with_nothing_missin
     for replica in (first, second):
         assert any(line.get("msg") == "window done" for line in replica.log_lines()), logs
     # the capacity was never exceeded, and the two limiters found it without a 429 storm:
-    # both start above it (16 each against 12) and each window's start meets the other
-    # replica's window in full flow; bench/replicas.py measures the share on long runs
+    # both start above it (16 each against 12), and most of the 429s are that start (3-5 % of
+    # the requests, where one cut per round trip gave 7-14 %); bench/replicas.py measures the
+    # share on long runs
     assert stats["max_in_flight"] <= CAPACITY
-    assert stats["rejected_429"] <= 0.15 * stats["requests"], stats
+    assert stats["rejected_429"] <= 0.08 * stats["requests"], stats

@@ -175,12 +175,30 @@ def test_congestion_from_requests_admitted_before_the_last_decrease_cuts_only_on
     tickets = fill(lim)
     assert len(tickets) == 8
     clock.now = 1.0
-    for i, ticket in enumerate(tickets):
+    for i, ticket in enumerate(tickets[:3]):
         clock.now = 1.0 + i * 0.01  # the 429s of one overload arrive over a few ms
         lim.on_congestion(ticket)
-    assert lim.limit == 4.0
+    for ticket in tickets[3:]:
+        lim.on_ignore(ticket)
     assert lim.state().decreases == 1
     assert lim.state().in_flight == 0
+    # one cut (8 -> 4), and each further refusal of the event says the capacity was one lower:
+    # 3 of 8 refused, so the level was 6, and the limit is one cut of that
+    assert lim.state().ceiling == 6.0
+    assert lim.limit == 3.0
+
+
+def test_an_overload_refusing_every_request_in_flight_takes_the_limit_down_in_one_event() -> None:
+    clock = FakeClock(0.0)
+    lim = limiter(initial=16, factor=0.9, clock=clock)
+    tickets = fill(lim)
+    clock.now = 1.0
+    for ticket in tickets[:10]:  # another replica holds most of the capacity: 10 of 16 refused
+        lim.on_congestion(ticket)
+    for ticket in tickets[10:]:
+        lim.on_ignore(ticket)
+    assert lim.state().decreases == 1
+    assert lim.limit == pytest.approx(7 * 0.9)  # the 6 that got in, plus the one refused first
 
 
 def test_a_request_admitted_after_the_decrease_cuts_again() -> None:
@@ -196,8 +214,8 @@ def test_a_request_admitted_after_the_decrease_cuts_again() -> None:
     fresh = lim.try_acquire()
     assert fresh is not None
     clock.now = 3.0
-    lim.on_congestion(stale)  # admitted at 0, before the decrease at 1: no cut
-    assert lim.limit == 4.0
+    lim.on_congestion(stale)  # admitted at 0, before the decrease at 1: no cut...
+    assert lim.limit == 3.5  # ...but the level was one lower than 8: one cut of 7
     lim.on_congestion(fresh)  # admitted at 2, after the decrease: a new event
     assert lim.limit == 1.0  # two cuts' worth: only `fresh` was in flight when answered
     assert lim.state().decreases == 2
@@ -612,6 +630,28 @@ def test_latency_signal_settles_at_a_queueing_servers_slot_count() -> None:
     seen = closed_loop(lim, clock, queue_server, 5000)
     assert set(seen[-1000:]) <= {3, 4, 5}, seen[-50:]  # within one slot, probing either side
     assert seen[-1000:].count(4) > 0.9 * 1000
+
+
+def test_known_slots_hold_the_limit_one_above_them_where_the_latency_would_mislead() -> None:
+    """llama.cpp on a CPU: each request about half again slower per request served, queue or
+    not. Told the slots (its /props), the limit rides at slots + 1 and the probe is off."""
+    clock = FakeClock()
+    lim = AIMDLimiter(16, 1, 64, clock=clock, latency_signal=None)
+    lim.fit_slots(4)
+    assert lim.permits == 5
+
+    def cpu_bound_server(in_flight: int) -> float:
+        service = 0.1 * (1 + 0.5 * min(in_flight, 4))
+        return service * max(1.0, in_flight / 4)
+
+    seen = closed_loop(lim, clock, cpu_bound_server, 3000)
+    assert set(seen[-1000:]) == {5}
+    floor = AIMDLimiter(8, 8, 64)
+    floor.fit_slots(2)
+    assert floor.permits == 8  # never below the configured minimum
+    kept = AIMDLimiter(16, 1, 64, clock=clock, latency_signal=True)
+    kept.fit_slots(4, keep_latency_signal=True)
+    assert kept.permits == 5 and kept._queue_probe is not None
 
 
 def test_latency_signal_stays_out_of_the_way_of_a_server_that_does_not_queue() -> None:
