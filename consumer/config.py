@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -225,6 +225,16 @@ class ConcurrencySettings(_Model):
         description=(
             "Latency that grows faster than (in-flight ratio)^(1/latency_tolerance) reads as "
             "a queue."
+        ),
+    )
+    server_slots: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default="auto",
+        description=(
+            "A self-hosted server's parallel slots (llama.cpp's --parallel): the limit is "
+            "capped at server_slots + 1 and the latency probe is off (unless latency_signal is "
+            "true). auto (default): with provider openai and a base_url that is not a hosted "
+            "API, ask GET <root>/props once at start, where llama.cpp's server announces "
+            "total_slots; servers that announce none keep the latency probe. null: never ask."
         ),
     )
     requests_per_minute: int | None = Field(

@@ -31,6 +31,7 @@ from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient, Completion
 from consumer.llm.fallback import FallbackChain, Route
 from consumer.llm.limiter import AIMDLimiter
+from consumer.llm.selfhosted import fit_to_server
 from consumer.llm.pricing import Pricing
 from consumer.observability import Metrics, PipelineEvents, ProviderHealth
 from consumer.pipeline.batch_enrich import build_batch_mode
@@ -209,6 +210,7 @@ async def start_parts(parts: Parts) -> None:
                 },
             )
             await asyncio.sleep(delay)
+    await fit_to_server(parts.settings.llm, parts.limiter)
     if parts.shared_state is not None:
         await parts.shared_state.start()
     if parts.batch is not None:

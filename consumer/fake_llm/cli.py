@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--overload", choices=("reject", "queue"), default=defaults.overload)
     add(
+        "--announce-slots",
+        action="store_true",
+        help="GET /props answers total_slots = the capacity, as llama.cpp's server does",
+    )
+    add(
         "--retry-after-s",
         type=_optional_seconds,
         default=defaults.retry_after_s,

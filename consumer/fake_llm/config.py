@@ -57,6 +57,9 @@ class FakeLLMConfig(BaseModel):
     capacity_schedule: list[tuple[int, float]] = Field(default_factory=list)
     # What happens beyond capacity: fast 429 ("reject") or FIFO wait ("queue", like vLLM).
     overload: Literal["reject", "queue"] = "reject"
+    # Answer GET /props with total_slots (the capacity), as llama.cpp's server announces its
+    # --parallel slots; off, /props is a 404 as on vLLM or a hosted API.
+    announce_slots: bool = False
     # Retry-After hint on 429/503; None sends no hint at all.
     retry_after_s: float | None = Field(default=0.5, ge=0)
     # Azure-style quota over a sliding 60 s window; 0 means off.

@@ -526,6 +526,20 @@ class FakeLLM:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def props(self, request: web.Request) -> web.Response:
+        """llama.cpp's GET /props, as far as a client reads it: the slots it serves at once."""
+        slots = self._capacity(self._clock())
+        if not self.config.announce_slots or slots <= 0:
+            return web.json_response({"error": {"code": 404, "message": "Not Found"}}, status=404)
+        return web.json_response(
+            {
+                "total_slots": slots,
+                "model_path": "/models/fake-model.gguf",
+                "build_info": "fake-llm",
+                "default_generation_settings": {"n_ctx": 4096},
+            }
+        )
+
     async def get_stats(self, request: web.Request) -> web.Response:
         stats = self.stats
         return _json(
@@ -659,6 +673,7 @@ def create_app(
         app.router.add_get(path, _models)
     FakeBatches(fake, clock).register(app)
     app.router.add_get("/health", fake.health)
+    app.router.add_get("/props", fake.props)
     app.router.add_get("/admin/stats", fake.get_stats)
     app.router.add_post("/admin/reset", fake.reset)
     app.router.add_get("/admin/config", fake.get_config)
