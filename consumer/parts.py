@@ -182,7 +182,8 @@ def build_parts(
 
 
 async def start_parts(parts: Parts) -> None:
-    """Reach the broker (retrying with backoff for `kafka.connect_timeout_s`), then the state.
+    """Reach the broker (retrying with backoff for `kafka.connect_timeout_s`), fit the limiter
+    to a self-hosted server's announced slots, then the state.
 
     A client that failed to start is stopped again before the next try, so none is left open.
     """
