@@ -42,9 +42,7 @@ def slots_of(props: object) -> int | None:
     return None
 
 
-async def announced_slots(
-    llm: LLMSettings, transport: httpx.AsyncBaseTransport | None = None
-) -> int | None:
+async def announced_slots(llm: LLMSettings) -> int | None:
     """The server's slot count, if it announces one (None for anything else: a hosted API, a
     gateway answering 404, a server that is down; the latency probe then decides)."""
     if llm.provider != "openai" or llm.base_url is None:
@@ -52,11 +50,9 @@ async def announced_slots(
     if any(host in llm.base_url for host in _HOSTED):
         return None
     url = props_url(llm.base_url)
-    headers = {
-        k: v for k, v in request_headers(llm).items() if k not in ("content-type", "accept")
-    }
+    headers = {k: v for k, v in request_headers(llm).items() if k not in ("content-type", "accept")}
     try:
-        async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S, transport=transport) as client:
+        async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S) as client:
             response = await client.get(url, headers=headers)
         if response.status_code != 200:
             return None
