@@ -31,8 +31,8 @@ from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient, Completion
 from consumer.llm.fallback import FallbackChain, Route
 from consumer.llm.limiter import AIMDLimiter
-from consumer.llm.selfhosted import fit_to_server
 from consumer.llm.pricing import Pricing
+from consumer.llm.selfhosted import fit_to_server
 from consumer.observability import Metrics, PipelineEvents, ProviderHealth
 from consumer.pipeline.batch_enrich import build_batch_mode
 from consumer.pipeline.chain import Parts
