@@ -248,7 +248,7 @@ async def _stats(settings: Settings, args: argparse.Namespace) -> int:
 
 def _stats_report(
     topic: str,
-    store_path: Path,
+    store_path: Path | None,
     ends: dict[int, int],
     stats: TableStats,
     caught: CatchUp,

@@ -67,14 +67,20 @@ class StoreLocked(StoreError):
 
 
 class LocalStore:
-    """One SQLite file per table: the entries, and the next offset to read per partition."""
+    """One SQLite file per table: the entries, and the next offset to read per partition.
 
-    def __init__(self, path: Path) -> None:
+    With no path, an in-memory database: for live state that is worth nothing after the
+    process (the limits replicas tell each other), read whole from its topic at every start.
+    """
+
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(path)
+        self._lock = _Lock(None)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(path)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db = sqlite3.connect(":memory:" if path is None else path, isolation_level=None)
         except sqlite3.Error as error:
             self._lock.close()
             raise StoreError(f"cannot open the state store {path}: {error}") from error
@@ -167,7 +173,7 @@ class LocalStore:
         with self._errors():
             entries = int(self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
         size = 0
-        for suffix in ("", "-wal"):
+        for suffix in ("", "-wal") if self.path is not None else ():
             with contextlib.suppress(FileNotFoundError):
                 size += os.stat(f"{self.path}{suffix}").st_size
         return StoreStats(entries=entries, bytes=size)
@@ -229,7 +235,7 @@ _UPSERT = (
 
 
 class _Lock:
-    def __init__(self, handle: int) -> None:
+    def __init__(self, handle: int | None) -> None:
         self._handle: int | None = handle
 
     def close(self) -> None:

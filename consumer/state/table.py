@@ -94,7 +94,7 @@ class GlobalTable:
         self,
         kafka: KafkaSettings,
         topic: str,
-        store_path: Path,
+        store_path: Path | None,
         *,
         partitions: int = 3,
         replication_factor: int | None = None,
@@ -187,7 +187,7 @@ class GlobalTable:
             "state table started",
             extra={
                 "topic": self.topic,
-                "store": str(self.store_path),
+                "store": str(self.store_path or "memory"),
                 "partitions": len(self._positions),
                 "entries": self._store.stats().entries,
                 "lag": self._lag(ends),
@@ -330,7 +330,9 @@ class GlobalTable:
             )
             return LocalStore(self.store_path)
 
-    def _move_aside(self) -> Path:
+    def _move_aside(self) -> Path | None:
+        if self.store_path is None:
+            return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wall_clock()))
         aside = self.store_path.with_name(f"{self.store_path.name}.corrupt-{stamp}")
         # The write-ahead log and its index belong to the old file: a new file must not see them.
@@ -371,7 +373,7 @@ class GlobalTable:
         self._store.close()
         if move_aside:
             self._move_aside()
-        else:
+        elif self.store_path is not None:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(f"{self.store_path}{suffix}")

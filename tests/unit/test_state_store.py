@@ -158,3 +158,19 @@ def test_keys_older_than_a_time_are_those_last_written_before_it(store: LocalSto
 
     assert sorted(store.keys_older_than(200)) == [b"local", b"old"]
     assert store.keys_older_than(50) == []
+
+
+def test_a_store_without_a_path_lives_in_memory_and_holds_no_lock(tmp_path: Path) -> None:
+    """Live state (the replicas' limits): two stores in one process and no file anywhere."""
+    first, second = LocalStore(None), LocalStore(None)
+    try:
+        first.apply([put(0, 0, b"a", b"1")])
+        assert first.get(b"a") == b"1"
+        assert second.get(b"a") is None
+        assert first.offsets() == {0: 1}
+        assert first.stats().entries == 1
+        assert first.stats().bytes == 0
+    finally:
+        first.close()
+        second.close()
+    assert list(tmp_path.iterdir()) == []
