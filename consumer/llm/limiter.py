@@ -551,6 +551,12 @@ class AIMDLimiter:
         self._last_decrease_at = now
         self._decreases += 1
         log.debug("limiter decrease %.1f -> %.1f (%s)", before, self._limit, why)
+        if self.permits <= self._min:
+            # At the floor a cut cannot say "fewer at once", so it says "later": the next
+            # request waits a round trip. Without it, each row queued for the one permit was
+            # sent into the full server the moment the last was refused (about a hundred 429s
+            # in a tenth of a second when two replicas met after a rebalance).
+            self.defer(max(self._rtt_ewma or 0.0, now - ticket.admitted_at))
 
     def _record_rtt(self, rtt: float, now: float) -> None:
         ewma = (

@@ -545,6 +545,39 @@ def test_a_congestion_during_a_climb_cuts_from_the_level_in_flight() -> None:
     assert lim.limit == pytest.approx(0.5 * (len(in_flight) + 1))
 
 
+def test_a_refusal_at_the_floor_holds_the_next_request_a_round_trip() -> None:
+    """At the floor a cut cannot lower the limit: the next request waits instead of going into
+    the full server the moment the last one was refused."""
+    clock = FakeClock()
+    lim = limiter(initial=1, clock=clock, jitter=0.0)
+    ticket = lim.try_acquire()
+    assert ticket is not None
+    clock.now += 0.2
+    lim.on_success(ticket)  # a round trip of 0.2 s
+    refused = lim.try_acquire()
+    assert refused is not None
+    clock.now += 0.01
+    lim.on_congestion(refused)
+    assert lim.try_acquire() is None
+    clock.now += 0.15
+    assert lim.try_acquire() is None
+    clock.now += 0.06  # a round trip after the refusal
+    assert lim.try_acquire() is not None
+
+
+def test_a_refusal_above_the_floor_holds_nothing() -> None:
+    clock = FakeClock()
+    lim = limiter(initial=4, clock=clock)
+    tickets = fill(lim)
+    clock.now += 0.01
+    lim.on_congestion(tickets.pop())
+    assert lim.permits == 2
+    assert lim.try_acquire() is None  # the cut: 3 in flight against 2 permits
+    lim.on_success(tickets.pop())
+    lim.on_success(tickets.pop())
+    assert lim.try_acquire() is not None  # at once
+
+
 def test_probe_step_none_and_no_fast_climb_is_plain_aimd() -> None:
     clock = FakeClock()
     lim = shaped(clock, probe_step=None, fast_climb=False)
