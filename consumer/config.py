@@ -227,6 +227,22 @@ class ConcurrencySettings(_Model):
             "a queue."
         ),
     )
+    share_with_replicas: bool = Field(
+        default=True,
+        description=(
+            "Share the provider fairly with the other replicas of the consumer group: each "
+            "tells its limit in a compacted topic (share_topic, kept in memory), and a replica "
+            "whose congestion level is below 0.9 of the mean limit of the replicas pressing on "
+            "theirs climbs back to that mean. Without it, the replica that first finds freed "
+            "capacity keeps it, and the others' partitions lag. The primary model's limit "
+            "only. When the topic cannot be created or read, each replica runs alone (a "
+            "warning says so)."
+        ),
+    )
+    share_topic: str | None = Field(
+        default=None,
+        description="The topic of share_with_replicas; null: <kafka.group_id>.llm-limits.",
+    )
     server_slots: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         default="auto",
         description=(

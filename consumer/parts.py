@@ -31,6 +31,7 @@ from consumer.llm.caller import LLMCaller
 from consumer.llm.client import ChatClient, Completion
 from consumer.llm.fallback import FallbackChain, Route
 from consumer.llm.limiter import AIMDLimiter
+from consumer.llm.peers import LimiterPeers
 from consumer.llm.pricing import Pricing
 from consumer.llm.selfhosted import fit_to_server
 from consumer.observability import Metrics, PipelineEvents, ProviderHealth
@@ -41,7 +42,7 @@ from consumer.pipeline.protocol import Deadline
 from consumer.pipeline.report import Tally
 from consumer.records import TopicPartition
 from consumer.retry import Backoff
-from consumer.state import GlobalTable
+from consumer.state import GlobalTable, StateTopicError, StateUnavailable
 
 log = logging.getLogger("consumer")
 
@@ -62,6 +63,13 @@ def spend_table(settings: Settings) -> GlobalTable:
     keep_ms = str(int(max(2 * settings.llm.budget.day_s, 3600.0) * 1000))
     configs = {"cleanup.policy": "compact,delete", "retention.ms": keep_ms}
     return GlobalTable.from_settings(settings.kafka, settings.state, topic, topic_configs=configs)
+
+
+def peers_table(settings: Settings) -> GlobalTable:
+    """The replicas' limits: live state, so kept in memory and in a topic that forgets fast."""
+    topic = settings.llm.concurrency.share_topic or f"{settings.kafka.group_id}.llm-limits"
+    configs = {"cleanup.policy": "compact,delete", "retention.ms": "600000", "segment.ms": "60000"}
+    return GlobalTable(settings.kafka, topic, None, partitions=1, topic_configs=configs)
 
 
 def build_parts(
@@ -149,6 +157,11 @@ def build_parts(
     compression = None if codec == "none" else codec
     exactly_once = settings.delivery.mode == "exactly_once"
     prefix = settings.delivery.transactional_id_prefix
+    peers_state = peers = None
+    if llm.concurrency.share_with_replicas:
+        peers_state = peers_table(settings)
+        endpoint = f"{llm.provider} {llm.base_url} {llm.deployment} {llm.model_name}"
+        peers = LimiterPeers(peers_state, limiter, endpoint)
     return Parts(
         settings=settings,
         tally=Tally(),
@@ -178,6 +191,8 @@ def build_parts(
         spend_state=spend,
         spend_ledger=ledger,
         audit=audit_log,
+        peers_state=peers_state,
+        peers=peers,
     )
 
 
@@ -212,6 +227,7 @@ async def start_parts(parts: Parts) -> None:
             )
             await asyncio.sleep(delay)
     await fit_to_server(parts.settings.llm, parts.limiter)
+    await start_peers(parts)
     if parts.shared_state is not None:
         await parts.shared_state.start()
     if parts.batch is not None:
@@ -222,6 +238,22 @@ async def start_parts(parts: Parts) -> None:
         await parts.spend_state.start()
         # What the group spent so far (a replica that died included) before the first request.
         await parts.spend_state.catch_up(parts.settings.llm.cache.catch_up_timeout_s)
+
+
+async def start_peers(parts: Parts) -> None:
+    """Tell the other replicas this one's limit; without the topic, run alone: sharing makes
+    the replicas' shares fair, it is not needed for any row to be answered."""
+    if parts.peers_state is None or parts.peers is None:
+        return
+    try:
+        await parts.peers_state.start()
+    except (StateTopicError, StateUnavailable, KafkaError) as error:
+        log.warning(
+            "cannot share the provider with the other replicas: each runs its own limit",
+            extra={"topic": parts.peers_state.topic, "error": str(error)},
+        )
+        return
+    parts.peers.start()
 
 
 async def assign_parts(parts: Parts, assigned: set[TopicPartition]) -> None:
@@ -237,6 +269,10 @@ async def assign_parts(parts: Parts, assigned: set[TopicPartition]) -> None:
 
 async def stop_parts(parts: Parts) -> None:
     await parts.enricher.aclose()
+    if parts.peers is not None:
+        await parts.peers.stop()
+    if parts.peers_state is not None:
+        await parts.peers_state.stop()
     if parts.batch is not None:
         await parts.batch.stop()
     if parts.spend_ledger is not None:

@@ -41,6 +41,14 @@ Decisions, and why:
   minimum" rule and put the limit below the slot count. `latency_signal` None (the default)
   runs it until the provider sends rate-limit headers (hosted APIs meter by quota and do not
   queue this way); True always; False never.
+- Replicas sharing one provider (`peers_told`, by consumer/llm/peers.py) would otherwise
+  keep the shares they happen to have: the first replica to reach its ceiling after the
+  capacity grows climbs fast and takes what appeared, and each then returns to its own level
+  after every cut, so the shares persist. A ceiling below 0.9 of the mean limit of the
+  replicas pressing on theirs is raised to that mean: the replica climbs back to its share at
+  once, and the one holding more meets the 429s when it probes past its level. Only with
+  limits told after its last cut: the others cut for the same overload, and limits told
+  before their cuts would all look too high. Alone, nothing changes.
 - The quota gate is a limiter-wide "not before" time, with jitter, and a ramp after it: the
   permits come back over `retry_after_jitter` x the hint, so waiting requests do not come back
   as a herd.
@@ -80,6 +88,8 @@ _RPM_BURST_S = 10.0
 # Queue detection: samples per level before a verdict; how long a level's latency stays known.
 _QUEUE_MIN_SAMPLES = 4
 _QUEUE_STALE_S = 15.0
+# Sharing a provider: a ceiling below this fraction of the replicas' mean limit is not kept.
+_BELOW_FAIR = 0.9
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,8 @@ class LimiterState:
     learnt_rpm: float | None = None
     learnt_tpm: float | None = None
     quota_gates: int = 0
+    # Other replicas pressing on the same provider, as last told (peers_told).
+    peers: int = 0
 
 
 class QueueProbe:
@@ -270,6 +282,11 @@ class AIMDLimiter:
         self._wake_handle: asyncio.Handle | None = None
         # The process-wide retry budget; the caller attaches it so one state() shows it all.
         self.retry_budget: RetryBudget | None = None
+        # The limits of the other replicas pressing on the same provider, and when they were
+        # told (`peers_told`).
+        self._peer_limits: list[float] = []
+        self._peers_told_at = -math.inf
+        self._pressed_at = -math.inf
 
     @classmethod
     def from_settings(
@@ -321,6 +338,7 @@ class AIMDLimiter:
             learnt_rpm=self._pacer.rates()[0],
             learnt_tpm=self._pacer.rates()[1],
             quota_gates=self._quota_gates,
+            peers=len(self._peer_limits),
         )
 
     # ---- admission ------------------------------------------------------------------------
@@ -334,6 +352,27 @@ class AIMDLimiter:
         self._limit = min(self._limit, float(self._max))
         if not keep_latency_signal:
             self._queue_probe = None
+
+    def peers_told(self, limits: list[float]) -> None:
+        """The limits of the other replicas pressing on the same provider, as just read
+        (consumer/llm/peers.py)."""
+        self._peer_limits = limits
+        self._peers_told_at = self._clock()
+
+    def pressed_within(self, seconds: float) -> bool:
+        """Whether traffic filled the limit in the last `seconds`: only then does this
+        replica's limit say what it would take of a shared provider."""
+        return self._clock() - self._pressed_at <= seconds
+
+    def _fair_share(self) -> float | None:
+        """The mean limit of the replicas pressing on the provider, this one included; None
+        alone."""
+        peers = self._peer_limits
+        if not peers or self._peers_told_at <= self._last_decrease_at:
+            # Told before this replica's last cut: the others cut for that overload too, and
+            # limits told before their cuts would all look like more than its share.
+            return None
+        return (self._limit + sum(peers)) / (1 + len(peers))
 
     def idle(self) -> bool:
         """Free permits and no request waiting for one (a closed quota gate is not idle)."""
@@ -367,6 +406,8 @@ class AIMDLimiter:
             self._tpm.take(float(tokens), now)
         self._pacer.take(tokens, now)
         self._in_flight += 1
+        if self._in_flight >= self.permits:
+            self._pressed_at = now
         ticket = Ticket(
             now, self._in_flight, tokens, self.permits, self._admitted, self._admitted_tokens
         )
@@ -511,9 +552,12 @@ class AIMDLimiter:
         """The increase per round trip for where the limit stands; reaching the ceiling clears
         it, and each call while climbing advances the climb's doubling."""
         ceiling = self._ceiling
+        fair = self._fair_share()
         if ceiling is not None and self._limit >= ceiling:
             self._ceiling = ceiling = None  # at the old congestion level without any: it moved
             log.debug("limiter reached its ceiling without congestion: climbing")
+        elif ceiling is not None and fair is not None and ceiling < _BELOW_FAIR * fair:
+            self._ceiling = ceiling = fair  # a level below its share is no ceiling of its own
         if ceiling is None:
             if not self._fast_climb:
                 return self._step

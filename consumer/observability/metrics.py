@@ -141,6 +141,12 @@ class Metrics:
             "Multiplicative decreases of the limit since start (congestion events).",
             registry=r,
         )
+        self.limiter_peers = Gauge(
+            f"{PREFIX}_limiter_peers",
+            "Other replicas pressing on the same provider, as they last told "
+            "(llm.concurrency.share_with_replicas).",
+            registry=r,
+        )
         self.limiter_quota_gates = Gauge(
             f"{PREFIX}_limiter_quota_gates",
             "Times a spent rate quota closed admission for every request until its reset.",
@@ -302,6 +308,7 @@ class Metrics:
         self.limiter_waiting.set_function(lambda: limiter.state().waiting)
         self.limiter_decreases.set_function(lambda: limiter.state().decreases)
         self.limiter_quota_gates.set_function(lambda: limiter.state().quota_gates)
+        self.limiter_peers.set_function(lambda: limiter.state().peers)
         self.limiter_learnt_rpm.set_function(lambda: limiter.state().learnt_rpm or 0.0)
         self.limiter_learnt_tpm.set_function(lambda: limiter.state().learnt_tpm or 0.0)
 

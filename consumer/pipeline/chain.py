@@ -15,6 +15,7 @@ from consumer.kafka.sink import ProducerSink
 from consumer.kafka.source import KafkaSource
 from consumer.kafka.transactions import TransactionalSink
 from consumer.llm.limiter import AIMDLimiter
+from consumer.llm.peers import LimiterPeers
 from consumer.observability import Metrics, PipelineEvents, ProviderHealth
 from consumer.pipeline.batch_enrich import BatchEnrichStep, BatchMode, backlog_behind
 from consumer.pipeline.commit import CommitStep
@@ -62,6 +63,9 @@ class Parts:
     audit: AuditLog | None = None
     # llm.mode batch: windows are answered by provider batch jobs (issue 16).
     batch: BatchMode | None = None
+    # llm.concurrency.share_with_replicas: the replicas' limits, and the table they are told in.
+    peers_state: GlobalTable | None = None
+    peers: LimiterPeers | None = None
 
 
 @dataclass(frozen=True)

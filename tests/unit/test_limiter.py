@@ -578,6 +578,71 @@ def test_a_refusal_above_the_floor_holds_nothing() -> None:
     assert lim.try_acquire() is not None  # at once
 
 
+def test_a_ceiling_below_the_share_of_the_replicas_pressing_is_raised_to_that_share() -> None:
+    """Replicas sharing a provider: one cut to 10 with its old level at 20, while the two
+    others hold 40 each, climbs back toward the mean (30), not toward its own old level."""
+    clock = FakeClock()
+    lim = shaped(clock)
+    in_flight = congest_at_full_limit(lim, clock)
+    lim.peers_told([40.0, 40.0])
+    assert lim.state().peers == 2
+    first = round_trip(lim, in_flight)
+    assert lim.state().ceiling == pytest.approx(30.0)  # (10 + 40 + 40) / 3
+    alone = shaped(FakeClock())
+    alone_in_flight = congest_at_full_limit(alone, FakeClock(0.0))
+    assert first > round_trip(alone, alone_in_flight)  # half the way to 29, not to 19
+
+
+def test_limits_told_before_the_last_cut_are_not_counted() -> None:
+    """The others cut for the same overload: what they told before says too much."""
+    clock = FakeClock()
+    lim = shaped(clock)
+    lim.peers_told([40.0, 40.0])
+    in_flight = congest_at_full_limit(lim, clock)
+    round_trip(lim, in_flight)
+    assert lim.state().ceiling == 20.0
+    lim.peers_told([40.0, 40.0])  # told again, after the cut
+    limit = lim.limit
+    run_saturated(lim, in_flight, 1)
+    assert lim.state().ceiling == pytest.approx((limit + 80.0) / 3)
+
+
+def test_a_ceiling_at_its_share_is_kept() -> None:
+    clock = FakeClock()
+    lim = shaped(clock)
+    in_flight = congest_at_full_limit(lim, clock)
+    lim.peers_told([12.0, 12.0])  # mean 11.3: this replica holds more than its share
+    round_trip(lim, in_flight)
+    assert lim.state().ceiling == 20.0
+
+
+def test_no_replica_told_leaves_the_limit_alone() -> None:
+    clock, shared_clock = FakeClock(), FakeClock()
+    lim, shared = shaped(clock), shaped(shared_clock)
+    shared.peers_told([])
+    in_flight = congest_at_full_limit(lim, clock)
+    shared_in_flight = congest_at_full_limit(shared, shared_clock)
+    for _ in range(3):
+        assert round_trip(shared, shared_in_flight) == round_trip(lim, in_flight)
+    assert shared.state().ceiling == lim.state().ceiling == 20.0
+    assert shared.state().peers == 0
+
+
+def test_pressed_within_tells_whether_traffic_filled_the_limit_lately() -> None:
+    clock = FakeClock()
+    lim = limiter(initial=3, clock=clock)
+    assert not lim.pressed_within(1.0)
+    lone = lim.try_acquire()
+    assert lone is not None
+    assert not lim.pressed_within(1.0)  # one of three permits: room left
+    tickets = fill(lim)
+    assert lim.pressed_within(1.0)
+    clock.now += 5.0
+    assert not lim.pressed_within(1.0)
+    for ticket in [lone, *tickets]:
+        lim.on_success(ticket)
+
+
 def test_probe_step_none_and_no_fast_climb_is_plain_aimd() -> None:
     clock = FakeClock()
     lim = shaped(clock, probe_step=None, fast_climb=False)

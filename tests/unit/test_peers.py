@@ -1,0 +1,105 @@
+"""The replicas' limits told through a state table: what is told, what is counted."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from consumer.llm.peers import LimiterPeers
+
+
+class RecordingTable:
+    """A state table's put/delete/scan over a dict: what the peers wrote, and what they read."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, bytes] = {}
+        self.deleted: list[bytes] = []
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.entries[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.entries.pop(key, None)
+        self.deleted.append(key)
+
+    def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        return sorted((k, v) for k, v in self.entries.items() if k.startswith(prefix))
+
+
+class RecordingLimiter:
+    """A limit, whether it was pressed, and the peers' limits it was told."""
+
+    def __init__(self, limit: float, pressing: bool) -> None:
+        self.limit = limit
+        self.pressing = pressing
+        self.told: list[list[float]] = []
+
+    def pressed_within(self, seconds: float) -> bool:
+        return self.pressing
+
+    def peers_told(self, limits: list[float]) -> None:
+        self.told.append(limits)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    table: RecordingTable,
+    member: str,
+    wall: Clock,
+    limit: float = 4.0,
+    pressing: bool = True,
+    endpoint: str = "openai model-a",
+) -> tuple[LimiterPeers, RecordingLimiter]:
+    limiter = RecordingLimiter(limit, pressing)
+    return LimiterPeers(table, limiter, endpoint, member=member, wall_clock=wall), limiter
+
+
+def test_a_replica_tells_its_limit_and_is_told_the_others_pressing() -> None:
+    table, wall = RecordingTable(), Clock(1000.0)
+    a, a_limiter = make(table, "a", wall, limit=4.0)
+    b, b_limiter = make(table, "b", wall, limit=7.5)
+    a.tick()
+    b.tick()
+    a.tick()
+    assert a_limiter.told == [[], [7.5]]
+    assert b_limiter.told == [[4.0]]
+    told = orjson.loads(next(v for k, v in table.entries.items() if k.endswith(b"/a")))
+    assert told == {"limit": 4.0, "pressing": True, "at_ms": 1_000_000}
+
+
+def test_replicas_not_pressing_stale_or_of_another_endpoint_are_not_counted() -> None:
+    table, wall = RecordingTable(), Clock(1000.0)
+    me, me_limiter = make(table, "me", wall)
+    stale, _ = make(table, "stale", wall)
+    stale.tick()
+    wall.now += 5.0  # the stale one stopped telling 5 s ago (it died, or stalled)
+    idle, _ = make(table, "idle", wall, pressing=False)  # its traffic does not fill its limit
+    other_model, _ = make(table, "other", wall, endpoint="openai model-b")
+    idle.tick()
+    other_model.tick()
+    me.tick()
+    prefix = next(k for k in table.entries if k.endswith(b"/me")).removesuffix(b"me")
+    table.put(prefix + b"garbage", b"not json")
+    table.put(prefix + b"odd", orjson.dumps({"limit": "many", "pressing": True, "at_ms": 0}))
+    me.tick()
+    assert me_limiter.told == [[], []]
+
+
+async def test_a_replica_that_stops_deletes_its_entry() -> None:
+    table, wall = RecordingTable(), Clock(1000.0)
+    peers, limiter = make(table, "a", wall)
+    peers.start()
+    await asyncio.sleep(0)  # the first tick
+    assert len(table.entries) == 1
+    assert limiter.told == [[]]
+    await peers.stop()
+    assert table.entries == {}
+    assert len(table.deleted) == 1
