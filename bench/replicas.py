@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/replicas.py [--replicas 3] [--schedule 10:15,24:20,12:20,36:20]
         [--rpm 6000] [--latency-ms 200] [--retry-after-s 1.0] [--window default|M:P] [--no-plot]
+        [--no-share]
 
 The fake has a moving concurrency capacity (429 at capacity with a Retry-After hint) and a fixed
 request quota announced in OpenAI's x-ratelimit-* headers (a quota 429 beyond it); no budget is
@@ -12,8 +13,10 @@ first segment is a warm-up, left out of the figures too. Reported: the total goo
 the nominal (the capacity / latency integrated over the measured time, at most rpm / 60 per
 second of it), each replica's rows and share, Jain's fairness index of the per-replica
 goodput, the 429s (capacity and quota), each replica's held-back windows and partition
-assignments, and the limit traces (the `limit` of each replica's `window done` log lines),
-with a plot. It starts a local broker (KAFKA_BOOTSTRAP_SERVERS is honoured).
+assignments, the time-averaged limit, requests in flight and requests waiting for a permit of
+each replica (its /metrics, read every 0.5 s: a replica with none waiting is held back by its
+windows, not its limiter), and the limit traces, with a plot. It starts a local broker
+(KAFKA_BOOTSTRAP_SERVERS is honoured).
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from consumer.config import WindowSettings  # noqa: E402
 from consumer.fake_llm.config import parse_capacity_schedule  # noqa: E402
 from tests.support.fake_llm_process import fake_llm_process  # noqa: E402
-from tests.support.kafka_broker import kafka_broker  # noqa: E402
+from tests.support.kafka_broker import free_port, kafka_broker  # noqa: E402
 from tests.support.pipeline import (  # noqa: E402
     ConsumerProcess,
     Topics,
@@ -100,6 +105,36 @@ def windows_of(process: ConsumerProcess) -> list[tuple[float, int, float]]:
     return out
 
 
+GAUGES = ("limiter_limit", "limiter_in_flight", "limiter_waiting", "limiter_peers")
+
+
+async def sample_gauges(ports: list[int], until: float) -> list[list[tuple[float, ...]]]:
+    """(epoch seconds, limit, in flight, waiting, peers pressing) of each replica every 0.5 s
+    until `until`."""
+    traces: list[list[tuple[float, ...]]] = [[] for _ in ports]
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while time.time() < until:
+            for port, trace in zip(ports, traces, strict=True):
+                try:
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                except httpx.HTTPError:
+                    continue
+                values = dict.fromkeys(GAUGES, 0.0)
+                for line in text.splitlines():
+                    name, _, value = line.partition(" ")
+                    short = name.removeprefix("llm_consumer_")
+                    if short in values:
+                        values[short] = float(value)
+                trace.append((time.time(), *(values[g] for g in GAUGES)))
+            await asyncio.sleep(0.5)
+    return traces
+
+
+def time_mean(trace: list[tuple[float, ...]], column: int, start: float, end: float) -> float:
+    values = [row[column] for row in trace if start <= row[0] < end]
+    return sum(values) / len(values) if values else 0.0
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     schedule = parse_capacity_schedule(args.schedule)
     duration = sum(secs for _, secs in schedule)
@@ -126,13 +161,26 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 topics,
                 window=window_section(args.window),
                 # the defaults, not the tests' quick retries
-                llm={"concurrency": {"initial": 16, "min": 1, "max": 128}, "retry": {}},
+                llm={
+                    "concurrency": {
+                        "initial": 16,
+                        "min": 1,
+                        "max": 128,
+                        "share_with_replicas": not args.no_share,
+                    },
+                    "retry": {},
+                },
                 logging={"format": "json", "level": "INFO"},
             )
             llm.configure(capacity=schedule[0][0])
+            ports = [free_port() for _ in range(args.replicas)]
             replicas = [
-                ConsumerProcess(settings, workdir / f"replica-{i}.log").start()
-                for i in range(args.replicas)
+                ConsumerProcess(
+                    settings,
+                    workdir / f"replica-{i}.log",
+                    env={"LLM_CONSUMER_METRICS_PORT": str(port)},
+                ).start()
+                for i, port in enumerate(ports)
             ]
             try:
                 # The schedule starts once every member has finished a window: start-up and
@@ -145,15 +193,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 llm.configure(capacity_schedule=args.schedule)
                 llm.reset()
                 t0 = time.time()
-                await asyncio.sleep(duration)
+                gauges = await sample_gauges(ports, t0 + duration)
                 stats = llm.stats()
             finally:
                 for replica in replicas:
                     replica.stop(timeout_s=20)
     start, end = t0 + warmup, t0 + duration
-    traces = [windows_of(replica) for replica in replicas]
+    windows = [windows_of(replica) for replica in replicas]
     per_replica = [
-        sum(n for ts, n, _ in trace if start <= ts < end) / (end - start) for trace in traces
+        sum(n for ts, n, _ in trace if start <= ts < end) / (end - start) for trace in windows
     ]
     nominal = nominal_rows(schedule, args.rpm, latency_s, warmup, duration) / (end - start)
     result = {
@@ -163,6 +211,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms": args.latency_ms,
         "retry_after_s": args.retry_after_s,
         "window": args.window,
+        "share_with_replicas": not args.no_share,
         "total_rows_per_s": sum(per_replica),
         "nominal_rows_per_s": nominal,
         "goodput": sum(per_replica) / nominal,
@@ -173,18 +222,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             count_lines(r, "window held back: offsets stay uncommitted", t0, end) for r in replicas
         ],
         "assignments": [count_lines(r, "partitions assigned", t0, end) for r in replicas],
+        "mean_limit": [time_mean(trace, 1, start, end) for trace in gauges],
+        "mean_in_flight": [time_mean(trace, 2, start, end) for trace in gauges],
+        "mean_waiting": [time_mean(trace, 3, start, end) for trace in gauges],
+        "mean_peers_pressing": [time_mean(trace, 4, start, end) for trace in gauges],
         "requests": stats["requests"],
         "by_status": stats["by_status"],
         "share_429": stats["rejected_429"] / max(1, stats["requests"]),
         "workdir": str(workdir),
     }
     if not args.no_plot:
-        plot(traces, schedule, t0, args, result)
+        plot(gauges, schedule, t0, args, result)
     return result
 
 
 def plot(
-    traces: list[list[tuple[float, int, float]]],
+    traces: list[list[tuple[float, ...]]],
     schedule: list[tuple[int, float]],
     t0: float,
     args: argparse.Namespace,
@@ -203,7 +256,7 @@ def plot(
         quota_level = args.rpm / 60 * args.latency_ms / 1000
         ax.axhline(quota_level, color="grey", ls=":", label="quota x latency")
     for i, trace in enumerate(traces):
-        ax.plot([ts - t0 for ts, _, _ in trace], [lim for _, _, lim in trace], ".-", label=f"r{i}")
+        ax.plot([row[0] - t0 for row in trace], [row[1] for row in trace], "-", label=f"r{i}")
     ax.set_xlabel("s")
     ax.set_ylabel("limit (concurrent requests)")
     ax.set_title(
@@ -225,6 +278,9 @@ def main() -> int:
     parser.add_argument("--retry-after-s", type=float, default=1.0)
     parser.add_argument("--window", default="default", help="default, or M:P")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--no-share", action="store_true", help="llm.concurrency.share_with_replicas: false"
+    )
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     for key, value in result.items():

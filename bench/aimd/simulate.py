@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import selectors
 import sys
@@ -59,6 +60,8 @@ from consumer.llm.ratelimit import Quota, RateLimits  # noqa: E402
 SCHEDULE = [(40, 20.0), (15, 20.0), (60, 20.0)]
 STRATEGIES = ("ours", "aimd", "gradient2", "vegas", "oracle")
 QUOTA_WINDOW_S = 60.0
+# Replicas tell each other their limits this often (as consumer/llm/peers.py does).
+TELL_EVERY_S = 0.5
 
 
 class _InstantSelector(selectors.SelectSelector):
@@ -180,6 +183,8 @@ class Outcome:
     decreases: int = 0
     served: list[float] = field(default_factory=list)
     per_replica: list[int] = field(default_factory=list)
+    # (time, replica) of each row answered, for the shares within each capacity segment.
+    answered_by: list[tuple[float, int]] = field(default_factory=list)
 
 
 def make_limiter(
@@ -276,11 +281,21 @@ async def scenario(
                     outcome.done_at.append(loop.time())
                     outcome.latencies.append(loop.time() - started)
                     outcome.per_replica[replica] += 1
+                    outcome.answered_by.append((loop.time(), replica))
 
         tasks += [asyncio.create_task(row_loop()) for _ in range(args.outstanding // args.replicas)]
 
+    told_at = -math.inf
+
     async def follow() -> None:
+        nonlocal told_at
         while loop.time() < duration:
+            if args.replicas > 1 and not args.no_share and loop.time() - told_at >= TELL_EVERY_S:
+                # as consumer/llm/peers.py tells them (pressing is not modelled: all press)
+                told_at = loop.time()
+                told = [limiter.limit for limiter in limiters]
+                for me, limiter in enumerate(limiters):
+                    limiter.peers_told([v for i, v in enumerate(told) if i != me])
             if strategy == "oracle" and args.mode == "capacity":
                 share = float(min(args.max, provider.capacity())) / args.replicas
                 for limiter in limiters:
@@ -337,6 +352,25 @@ def settle_after_changes(
     return out
 
 
+def jain(values: list[int]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(n * n for n in values) or 1)
+
+
+def segment_jains(
+    outcome: Outcome, schedule: list[tuple[int, float]], replicas: int
+) -> list[float]:
+    """Jain's index of the replicas' rows within each capacity segment after the first: a
+    whole-run index hides a replica that took one segment and another that took the next."""
+    out, start = [], schedule[0][1]
+    for _, secs in schedule[1:]:
+        counts = [0] * replicas
+        for t, replica in outcome.answered_by:
+            counts[replica] += start <= t < start + secs
+        out.append(jain(counts))
+        start += secs
+    return out
+
+
 def summarise(
     args: argparse.Namespace, strategy: str, outcome: Outcome, schedule: list[tuple[int, float]]
 ) -> dict[str, Any]:
@@ -360,8 +394,10 @@ def summarise(
         "p99": percentile(outcome.latencies, 0.99),
         "p50_request": percentile(outcome.served, 0.5),
         "limit_2nd_half": sum(limits) / len(limits) if limits else float("nan"),
-        "jain": sum(outcome.per_replica) ** 2
-        / (len(outcome.per_replica) * sum(n * n for n in outcome.per_replica) or 1),
+        "jain": jain(outcome.per_replica),
+        "segment_jain": segment_jains(outcome, schedule, args.replicas)
+        if args.mode == "capacity" and len(schedule) > 1
+        else [],
     }
 
 
@@ -391,6 +427,11 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=180.0, help="quota and queue modes")
     parser.add_argument("--replicas", type=int, default=1, help="limiters sharing the provider")
     parser.add_argument(
+        "--no-share",
+        action="store_true",
+        help="replicas do not tell each other their limits (share_with_replicas: false)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], help="KEY=VALUE of llm.concurrency for `ours`"
     )
     parser.add_argument("--trace", action="store_true", help="print the limit every 0.5 s")
@@ -406,9 +447,9 @@ def main() -> int:
     print(
         "| hint (s) | strategy | goodput/nominal | 429 share | decreases | limit settle after "
         "each change (s) | mean limit, 2nd half | p50 row (s) | p99 row (s) | p50 request (s) "
-        "| Jain |"
+        "| Jain | Jain per segment |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for hint in hints:
         args.hint = hint
         for strategy in args.strategies.split(","):
@@ -417,7 +458,8 @@ def main() -> int:
             print(
                 f"| {hint} | {strategy} | {s['goodput']:.3f} | {s['share_429']:.4f} | "
                 f"{s['decreases']} | {fmt_settle(s['settle'])} | {s['limit_2nd_half']:.1f} | "
-                f"{s['p50']:.3f} | {s['p99']:.3f} | {s['p50_request']:.3f} | {s['jain']:.3f} |",
+                f"{s['p50']:.3f} | {s['p99']:.3f} | {s['p50_request']:.3f} | {s['jain']:.3f} | "
+                f"{' / '.join(f'{j:.3f}' for j in s['segment_jain'])} |",
                 flush=True,
             )
             if args.trace:
