@@ -15,7 +15,9 @@ none of the retry budget, and only the row deadline ends it. Each such retry sti
 hint and then for a permit, so the limit bounds the load they add, which is what the budget is
 for. Ending such rows held their windows back, and a replica held back lost its share of the
 capacity to the others; making them wait for budget instead starved a replica whose windows
-were all waiting (no first attempts, so no budget).
+were all waiting (no first attempts, so no budget). "Answers others" counts the other
+replicas too, as they tell (consumer/llm/peers.py): a replica that the others hold at the floor
+of its limit gets nothing but 429s, which from its own successes alone looks like an outage.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ class LLMCaller:
         """Backpressure while this model still answers others: the limit's business, not the
         row's. Once nothing has succeeded for a while it is an ordinary retryable failure, so
         an outage still ends rows and the window hold-back takes over."""
-        return (
-            failure.kind is FailureKind.BACKPRESSURE
-            and self._clock() - self._last_success_at < _ANSWERING_WITHIN_S
+        return failure.kind is FailureKind.BACKPRESSURE and (
+            self._clock() - self._last_success_at < _ANSWERING_WITHIN_S
+            or self._limiter.peers_answered_within(_ANSWERING_WITHIN_S)
         )

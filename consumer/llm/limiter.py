@@ -286,7 +286,9 @@ class AIMDLimiter:
         # told (`peers_told`).
         self._peer_limits: list[float] = []
         self._peers_told_at = -math.inf
+        self._peers_answered_at = -math.inf
         self._pressed_at = -math.inf
+        self._answered_at = -math.inf
 
     @classmethod
     def from_settings(
@@ -353,11 +355,22 @@ class AIMDLimiter:
         if not keep_latency_signal:
             self._queue_probe = None
 
-    def peers_told(self, limits: list[float]) -> None:
-        """The limits of the other replicas pressing on the same provider, as just read
-        (consumer/llm/peers.py)."""
+    def peers_told(self, limits: list[float], answering: bool = False) -> None:
+        """The limits of the other replicas pressing on the same provider, and whether any
+        of them is being answered, as just read (consumer/llm/peers.py)."""
         self._peer_limits = limits
         self._peers_told_at = self._clock()
+        if answering:
+            self._peers_answered_at = self._peers_told_at
+
+    def peers_answered_within(self, seconds: float) -> bool:
+        """Whether another replica told, in the last `seconds`, that the provider answers it."""
+        return self._clock() - self._peers_answered_at <= seconds
+
+    def answered_within(self, seconds: float) -> bool:
+        """Whether this replica had an answer in the last `seconds` (what it tells: never the
+        peers' answers, or two replicas in an outage would keep telling each other so)."""
+        return self._clock() - self._answered_at <= seconds
 
     def pressed_within(self, seconds: float) -> bool:
         """Whether traffic filled the limit in the last `seconds`: only then does this
@@ -444,6 +457,7 @@ class AIMDLimiter:
         """A completed attempt: a round-trip sample; grow the limit if it held traffic back."""
         now = self._clock()
         self._in_flight -= 1
+        self._answered_at = now
         self._reconcile(ticket, used_tokens, now)
         self.observe(ticket, rate_limits, now)
         rtt = now - ticket.admitted_at

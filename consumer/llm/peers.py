@@ -2,7 +2,9 @@
 
 Each replica's limiter sees only its own 429s, and against one shared capacity that is not
 enough to share it: whoever first finds capacity freed keeps it (consumer/llm/limiter.py).
-So every replica writes its limit, and whether traffic fills it, under its own key of a
+So every replica writes its limit, whether traffic fills it, and whether the provider
+answered it lately (so a replica held at the floor by the others knows its 429s are
+contention, not an outage: consumer/llm/caller.py), under its own key of a
 state table (a compacted topic every replica reads, kept in memory: a limit is worth nothing
 after its process), every `_TELL_EVERY_S`; and reads the others' at the same pace, for its
 limiter (`peers_told`). Keys start with a hash of the endpoint and model, so replicas that
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 _TELL_EVERY_S = 0.5
 # Entries of replicas not heard from for longer are left out (a replica that died, or stalled).
 _FRESH_S = 3.0
+# A replica tells whether it had an answer this recently (the caller's span for "answering").
+_ANSWERED_WITHIN_S = 2.0
 
 
 class PeerTable(Protocol):
@@ -49,7 +53,9 @@ class SharedLimiter(Protocol):
 
     def pressed_within(self, seconds: float) -> bool: ...
 
-    def peers_told(self, limits: list[float]) -> None: ...
+    def answered_within(self, seconds: float) -> bool: ...
+
+    def peers_told(self, limits: list[float], answering: bool = False) -> None: ...
 
 
 class LimiterPeers:
@@ -78,27 +84,30 @@ class LimiterPeers:
         told = {
             "limit": round(self._limiter.limit, 2),
             "pressing": self._limiter.pressed_within(2 * _TELL_EVERY_S),
+            "answered": self._limiter.answered_within(_ANSWERED_WITHIN_S),
             "at_ms": now_ms,
         }
         self._table.put(self._key, orjson.dumps(told))
-        peers, told_lately = [], 0
+        peers, told_lately, answering = [], 0, False
         for key, value in self._table.scan(self._prefix):
             if key == self._key:
                 continue
             try:
                 entry = orjson.loads(value)
                 limit, pressing = float(entry["limit"]), entry["pressing"] is True
+                answered = entry["answered"] is True
                 lately = now_ms - int(entry["at_ms"]) <= _FRESH_S * 1000
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # not an entry of this version: it says nothing to count on
             told_lately += lately
+            answering |= lately and answered
             if lately and pressing:
                 peers.append(limit)
         if told_lately != self._told_lately:
             # the replicas, not how many press: that changes with every window's tail
             log.info("replicas sharing the provider", extra={"other_replicas": told_lately})
             self._told_lately = told_lately
-        self._limiter.peers_told(peers)
+        self._limiter.peers_told(peers, answering)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._tell_forever(), name="limiter-peers")

@@ -453,3 +453,30 @@ async def test_backpressure_after_the_model_stopped_answering_ends_the_row_as_be
     result = await caller.call(MESSAGES)
     assert result.completion is None
     assert result.attempts == RETRY.max_attempts
+
+
+async def test_backpressure_while_another_replica_is_answered_is_contention() -> None:
+    """A replica held at the floor by its peers gets nothing but 429s: its own successes alone
+    would call that an outage and end its rows; the peers told it the provider answers them."""
+    now = [0.0]
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
+    client = Script(*[busy() for _ in range(6)], None)
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), clock=lambda: now[0])  # type: ignore[arg-type]
+    now[0] = 60.0  # this replica has never been answered
+    limiter.peers_told([5.0], answering=True)
+    result = await caller.call(MESSAGES)
+    assert result.completion is not None
+    assert result.attempts == 7 > RETRY.max_attempts
+
+
+async def test_peers_that_told_no_answer_lately_do_not_make_it_contention() -> None:
+    now = [0.0]
+    limiter = AIMDLimiter(10, 1, 100, clock=lambda: now[0])
+    client = Script(*[busy() for _ in range(10)])
+    caller = LLMCaller(client, limiter, RETRY, sleep=Sleeps(), clock=lambda: now[0])  # type: ignore[arg-type]
+    limiter.peers_told([5.0], answering=True)
+    now[0] = 60.0  # long ago: an outage for every replica since
+    limiter.peers_told([5.0], answering=False)
+    result = await caller.call(MESSAGES)
+    assert result.completion is None
+    assert result.attempts == RETRY.max_attempts

@@ -28,18 +28,24 @@ class RecordingTable:
 
 
 class RecordingLimiter:
-    """A limit, whether it was pressed, and the peers' limits it was told."""
+    """A limit, whether it was pressed and answered, and what it was told of the peers."""
 
-    def __init__(self, limit: float, pressing: bool) -> None:
+    def __init__(self, limit: float, pressing: bool, answered: bool) -> None:
         self.limit = limit
         self.pressing = pressing
+        self.answered = answered
         self.told: list[list[float]] = []
+        self.answering: list[bool] = []
 
     def pressed_within(self, seconds: float) -> bool:
         return self.pressing
 
-    def peers_told(self, limits: list[float]) -> None:
+    def answered_within(self, seconds: float) -> bool:
+        return self.answered
+
+    def peers_told(self, limits: list[float], answering: bool = False) -> None:
         self.told.append(limits)
+        self.answering.append(answering)
 
 
 class Clock:
@@ -56,9 +62,10 @@ def make(
     wall: Clock,
     limit: float = 4.0,
     pressing: bool = True,
+    answered: bool = True,
     endpoint: str = "openai model-a",
 ) -> tuple[LimiterPeers, RecordingLimiter]:
-    limiter = RecordingLimiter(limit, pressing)
+    limiter = RecordingLimiter(limit, pressing, answered)
     return LimiterPeers(table, limiter, endpoint, member=member, wall_clock=wall), limiter
 
 
@@ -72,7 +79,21 @@ def test_a_replica_tells_its_limit_and_is_told_the_others_pressing() -> None:
     assert a_limiter.told == [[], [7.5]]
     assert b_limiter.told == [[4.0]]
     told = orjson.loads(next(v for k, v in table.entries.items() if k.endswith(b"/a")))
-    assert told == {"limit": 4.0, "pressing": True, "at_ms": 1_000_000}
+    assert told == {"limit": 4.0, "pressing": True, "answered": True, "at_ms": 1_000_000}
+
+
+def test_a_replica_is_told_whether_any_other_is_answered_pressing_or_not() -> None:
+    table, wall = RecordingTable(), Clock(1000.0)
+    me, me_limiter = make(table, "me", wall, answered=False)
+    starved, _ = make(table, "starved", wall, answered=False)
+    starved.tick()
+    me.tick()
+    assert me_limiter.answering == [False]
+    idle_but_answered, _ = make(table, "idle", wall, pressing=False, answered=True)
+    idle_but_answered.tick()
+    me.tick()
+    assert me_limiter.answering == [False, True]
+    assert me_limiter.told == [[4.0], [4.0]]  # the idle one is answered, not pressing
 
 
 def test_replicas_not_pressing_stale_or_of_another_endpoint_are_not_counted() -> None:
