@@ -294,8 +294,10 @@ async def scenario(
                 # as consumer/llm/peers.py tells them (pressing is not modelled: all press)
                 told_at = loop.time()
                 told = [limiter.limit for limiter in limiters]
+                answered = [limiter.answered_within(2.0) for limiter in limiters]
                 for me, limiter in enumerate(limiters):
-                    limiter.peers_told([v for i, v in enumerate(told) if i != me])
+                    others = [i for i in range(len(limiters)) if i != me]
+                    limiter.peers_told([told[i] for i in others], any(answered[i] for i in others))
             if strategy == "oracle" and args.mode == "capacity":
                 share = float(min(args.max, provider.capacity())) / args.replicas
                 for limiter in limiters:
