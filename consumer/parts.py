@@ -42,7 +42,7 @@ from consumer.pipeline.protocol import Deadline
 from consumer.pipeline.report import Tally
 from consumer.records import TopicPartition
 from consumer.retry import Backoff
-from consumer.state import GlobalTable, StateTopicError, StateUnavailable
+from consumer.state import GlobalTable
 
 log = logging.getLogger("consumer")
 
@@ -157,11 +157,10 @@ def build_parts(
     compression = None if codec == "none" else codec
     exactly_once = settings.delivery.mode == "exactly_once"
     prefix = settings.delivery.transactional_id_prefix
-    peers_state = peers = None
+    peers = None
     if llm.concurrency.share_with_replicas:
-        peers_state = peers_table(settings)
         endpoint = f"{llm.provider} {llm.base_url} {llm.deployment} {llm.model_name}"
-        peers = LimiterPeers(peers_state, limiter, endpoint)
+        peers = LimiterPeers(peers_table(settings), limiter, endpoint)
     return Parts(
         settings=settings,
         tally=Tally(),
@@ -191,7 +190,6 @@ def build_parts(
         spend_state=spend,
         spend_ledger=ledger,
         audit=audit_log,
-        peers_state=peers_state,
         peers=peers,
     )
 
@@ -227,7 +225,8 @@ async def start_parts(parts: Parts) -> None:
             )
             await asyncio.sleep(delay)
     await fit_to_server(parts.settings.llm, parts.limiter)
-    await start_peers(parts)
+    if parts.peers is not None:
+        parts.peers.start()
     if parts.shared_state is not None:
         await parts.shared_state.start()
     if parts.batch is not None:
@@ -238,22 +237,6 @@ async def start_parts(parts: Parts) -> None:
         await parts.spend_state.start()
         # What the group spent so far (a replica that died included) before the first request.
         await parts.spend_state.catch_up(parts.settings.llm.cache.catch_up_timeout_s)
-
-
-async def start_peers(parts: Parts) -> None:
-    """Tell the other replicas this one's limit; without the topic, run alone: sharing makes
-    the replicas' shares fair, it is not needed for any row to be answered."""
-    if parts.peers_state is None or parts.peers is None:
-        return
-    try:
-        await parts.peers_state.start()
-    except (StateTopicError, StateUnavailable, KafkaError) as error:
-        log.warning(
-            "cannot share the provider with the other replicas: each runs its own limit",
-            extra={"topic": parts.peers_state.topic, "error": str(error)},
-        )
-        return
-    parts.peers.start()
 
 
 async def assign_parts(parts: Parts, assigned: set[TopicPartition]) -> None:
@@ -271,8 +254,6 @@ async def stop_parts(parts: Parts) -> None:
     await parts.enricher.aclose()
     if parts.peers is not None:
         await parts.peers.stop()
-    if parts.peers_state is not None:
-        await parts.peers_state.stop()
     if parts.batch is not None:
         await parts.batch.stop()
     if parts.spend_ledger is not None:

@@ -25,6 +25,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 import orjson
+from aiokafka.errors import KafkaError
+
+from consumer.state import StateTopicError, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,12 @@ _ANSWERED_WITHIN_S = 2.0
 
 class PeerTable(Protocol):
     """What the peers need of a GlobalTable."""
+
+    topic: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
     def put(self, key: bytes, value: bytes) -> None: ...
 
@@ -77,6 +86,7 @@ class LimiterPeers:
         self._wall_clock = wall_clock
         self._told_lately = 0
         self._task: asyncio.Task[None] | None = None
+        self._started = False
 
     def tick(self) -> None:
         """Tell this replica's limit; read the others'."""
@@ -110,18 +120,33 @@ class LimiterPeers:
         self._limiter.peers_told(peers, answering)
 
     def start(self) -> None:
+        """Start the table and the telling in the background: no row waits for it, since
+        sharing makes the replicas' shares fair and no row needs it to be answered."""
         self._task = asyncio.create_task(self._tell_forever(), name="limiter-peers")
 
     async def _tell_forever(self) -> None:
+        try:
+            await self._table.start()
+        except (StateTopicError, StateUnavailable, KafkaError) as error:
+            log.warning(
+                "cannot share the provider with the other replicas: each runs its own limit",
+                extra={"topic": self._table.topic, "error": str(error)},
+            )
+            return
+        self._started = True
         while True:
             self.tick()
             await asyncio.sleep(_TELL_EVERY_S)
 
     async def stop(self) -> None:
-        """Stop telling, and delete this replica's entry so the others stop counting it."""
+        """Stop telling, delete this replica's entry so the others stop counting it, and
+        stop the table."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._started:
             self._table.delete(self._key)
+            self._started = False
+        await self._table.stop()

@@ -63,8 +63,7 @@ class Parts:
     audit: AuditLog | None = None
     # llm.mode batch: windows are answered by provider batch jobs (issue 16).
     batch: BatchMode | None = None
-    # llm.concurrency.share_with_replicas: the replicas' limits, and the table they are told in.
-    peers_state: GlobalTable | None = None
+    # llm.concurrency.share_with_replicas: the replicas' limits, told through their own table.
     peers: LimiterPeers | None = None
 
 

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
+import pytest
 
 from consumer.llm.peers import LimiterPeers
+from consumer.state import StateTopicError
 
 
 class RecordingTable:
     """A state table's put/delete/scan over a dict: what the peers wrote, and what they read."""
 
-    def __init__(self) -> None:
+    topic = "group.llm-limits"
+
+    def __init__(self, refuse: BaseException | None = None) -> None:
         self.entries: dict[bytes, bytes] = {}
         self.deleted: list[bytes] = []
+        self.refuse = refuse
+        self.running = False
+
+    async def start(self) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.running = True
+
+    async def stop(self) -> None:
+        self.running = False
 
     def put(self, key: bytes, value: bytes) -> None:
         self.entries[key] = value
@@ -114,13 +129,35 @@ def test_replicas_not_pressing_stale_or_of_another_endpoint_are_not_counted() ->
     assert me_limiter.told == [[], []]
 
 
-async def test_a_replica_that_stops_deletes_its_entry() -> None:
+async def test_a_replica_that_stops_deletes_its_entry_and_stops_the_table() -> None:
     table, wall = RecordingTable(), Clock(1000.0)
     peers, limiter = make(table, "a", wall)
     peers.start()
-    await asyncio.sleep(0)  # the first tick
+    for _ in range(3):
+        await asyncio.sleep(0)  # the table starts, then the first tick
+    assert table.running
     assert len(table.entries) == 1
     assert limiter.told == [[]]
     await peers.stop()
     assert table.entries == {}
     assert len(table.deleted) == 1
+    assert not table.running
+
+
+async def test_a_table_that_cannot_start_is_a_warning_and_the_replica_runs_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refused = StateTopicError("group.llm-limits has cleanup.policy=delete, not compact")
+    table, wall = RecordingTable(refuse=refused), Clock(1000.0)
+    peers, limiter = make(table, "a", wall)
+    with caplog.at_level(logging.WARNING):
+        peers.start()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    assert [r.message for r in caplog.records] == [
+        "cannot share the provider with the other replicas: each runs its own limit"
+    ]
+    assert table.entries == {}
+    assert limiter.told == []  # never told anything: it runs on its own limit
+    await peers.stop()
+    assert table.deleted == []
