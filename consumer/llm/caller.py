@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # A model that answered a request this recently is up: its backpressure is contention. The same
 # span as ProviderHealth's default `failing_after_s`, after which readiness calls it failing.
-_ANSWERING_WITHIN_S = 2.0
+ANSWERING_WITHIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,6 @@ class LLMCaller:
             )
         )
         limiter.retry_budget = self.retry_budget
-        self._last_success_at = -math.inf
 
     def _estimate(self, messages: list[dict[str, str]]) -> int:
         estimate = getattr(self._client, "estimated_tokens", None)
@@ -121,7 +119,6 @@ class LLMCaller:
             try:
                 completion = await self._client.complete(messages)
                 status = "200"
-                self._last_success_at = self._clock()
                 used = completion.usage.total_tokens or None
                 self._limiter.on_success(ticket, used, completion.rate_limits)
                 if self._health is not None:
@@ -184,6 +181,6 @@ class LLMCaller:
         row's. Once nothing has succeeded for a while it is an ordinary retryable failure, so
         an outage still ends rows and the window hold-back takes over."""
         return failure.kind is FailureKind.BACKPRESSURE and (
-            self._clock() - self._last_success_at < _ANSWERING_WITHIN_S
-            or self._limiter.peers_answered_within(_ANSWERING_WITHIN_S)
+            self._limiter.answered_within(ANSWERING_WITHIN_S)
+            or self._limiter.peers_answered_within(ANSWERING_WITHIN_S)
         )

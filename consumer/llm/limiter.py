@@ -370,7 +370,7 @@ class AIMDLimiter:
     def answered_within(self, seconds: float) -> bool:
         """Whether this replica had an answer in the last `seconds` (what it tells: never the
         peers' answers, or two replicas in an outage would keep telling each other so)."""
-        return self._clock() - self._answered_at <= seconds
+        return self._clock() - self._answered_at < seconds
 
     def pressed_within(self, seconds: float) -> bool:
         """Whether traffic filled the limit in the last `seconds`: only then does this
@@ -566,11 +566,14 @@ class AIMDLimiter:
         """The increase per round trip for where the limit stands; reaching the ceiling clears
         it, and each call while climbing advances the climb's doubling."""
         ceiling = self._ceiling
-        fair = self._fair_share()
         if ceiling is not None and self._limit >= ceiling:
             self._ceiling = ceiling = None  # at the old congestion level without any: it moved
             log.debug("limiter reached its ceiling without congestion: climbing")
-        elif ceiling is not None and fair is not None and ceiling < _BELOW_FAIR * fair:
+        elif (
+            ceiling is not None
+            and (fair := self._fair_share()) is not None
+            and ceiling < _BELOW_FAIR * fair
+        ):
             self._ceiling = ceiling = fair  # a level below its share is no ceiling of its own
         if ceiling is None:
             if not self._fast_climb:

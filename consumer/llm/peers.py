@@ -27,6 +27,7 @@ from typing import Protocol
 import orjson
 from aiokafka.errors import KafkaError
 
+from consumer.llm.caller import ANSWERING_WITHIN_S
 from consumer.state import StateTopicError, StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 _TELL_EVERY_S = 0.5
 # Entries of replicas not heard from for longer are left out (a replica that died, or stalled).
 _FRESH_S = 3.0
-# A replica tells whether it had an answer this recently (the caller's span for "answering").
-_ANSWERED_WITHIN_S = 2.0
 
 
 class PeerTable(Protocol):
@@ -94,7 +93,7 @@ class LimiterPeers:
         told = {
             "limit": round(self._limiter.limit, 2),
             "pressing": self._limiter.pressed_within(2 * _TELL_EVERY_S),
-            "answered": self._limiter.answered_within(_ANSWERED_WITHIN_S),
+            "answered": self._limiter.answered_within(ANSWERING_WITHIN_S),
             "at_ms": now_ms,
         }
         self._table.put(self._key, orjson.dumps(told))
