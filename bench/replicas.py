@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from consumer.config import WindowSettings  # noqa: E402
 from consumer.fake_llm.config import parse_capacity_schedule  # noqa: E402
+from consumer.observability.metrics import PREFIX, parse_exposition  # noqa: E402
 from tests.support.fake_llm_process import fake_llm_process  # noqa: E402
 from tests.support.kafka_broker import free_port, kafka_broker  # noqa: E402
 from tests.support.pipeline import (  # noqa: E402
@@ -119,13 +120,8 @@ async def sample_gauges(ports: list[int], until: float) -> list[list[tuple[float
                     text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
                 except httpx.HTTPError:
                     continue
-                values = dict.fromkeys(GAUGES, 0.0)
-                for line in text.splitlines():
-                    name, _, value = line.partition(" ")
-                    short = name.removeprefix("llm_consumer_")
-                    if short in values:
-                        values[short] = float(value)
-                trace.append((time.time(), *(values[g] for g in GAUGES)))
+                values = parse_exposition(text)
+                trace.append((time.time(), *(values.get(f"{PREFIX}_{g}", 0.0) for g in GAUGES)))
             await asyncio.sleep(0.5)
     return traces
 
