@@ -7,7 +7,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +27,17 @@ from tests.support.pipeline import (
     committed_offsets,
     create_topics,
     end_offsets,
+    logged,
     publish,
     read_topic,
     rows_to_messages,
     running_consumer,
     settings_file,
     wait_for_commits,
+    wait_until,
 )
 
 FAST_GROUP = {"session_timeout_ms": 6_000, "heartbeat_interval_ms": 1_000}
-WAIT_S = 30.0
 
 
 async def test_rows_repeating_an_earlier_prompt_are_answered_from_the_cache(
@@ -125,19 +126,6 @@ async def test_rows_paid_for_before_a_crash_are_not_paid_again_after_the_restart
 def cache_field(message: Message) -> str | None:
     value: str | None = message.json()["llm_response_cache"]
     return value
-
-
-async def wait_until(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout_s:g} s: {what}")
-        await asyncio.sleep(0.05)
-
-
-def logged(proc: ConsumerProcess, fragment: str) -> Callable[[], bool]:
-    """True once the process has logged a message containing `fragment`."""
-    return lambda: any(fragment in str(line.get("msg", "")) for line in proc.log_lines())
 
 
 def bought_once(outputs: Sequence[Message]) -> Counter[str]:

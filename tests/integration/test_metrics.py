@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import orjson
 
-from consumer.observability.metrics import parse_exposition
 from tests.support.fake_llm_process import fake_llm_process
 from tests.support.pipeline import (
     Topics,
@@ -21,6 +20,7 @@ from tests.support.pipeline import (
     read_topic,
     rows_to_messages,
     running_consumer,
+    scrape,
     settings_file,
     wait_for_commits,
 )
@@ -37,13 +37,6 @@ def free_port() -> int:
 
 def observability(port: int) -> dict[str, Any]:
     return {"host": "127.0.0.1", "port": port, "lag_interval_s": 0.5}
-
-
-async def scrape(port: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=5.0) as http:
-        response = await http.get(f"http://127.0.0.1:{port}/metrics")
-    response.raise_for_status()
-    return parse_exposition(response.text)
 
 
 async def status_of(port: int, path: str) -> int:

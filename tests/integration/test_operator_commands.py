@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.observability.metrics import parse_exposition
 from consumer.records import DEAD_LETTER_REASONS
 from tests.support.fake_llm_process import FakeLLM, fake_llm_process
 from tests.support.pipeline import (
@@ -34,6 +32,7 @@ from tests.support.pipeline import (
     publish,
     read_topic,
     rows_to_messages,
+    scrape,
     settings_file,
     wait_for_commits,
 )
@@ -350,13 +349,6 @@ def dashboard_series() -> set[str]:
     """Every llm_consumer_* series name the Grafana dashboard and the alert rules query."""
     text = DASHBOARD.read_text() + ALERTS.read_text()
     return set(re.findall(r"\bllm_consumer_[a-z_]+", text))
-
-
-async def scrape(port: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=5.0) as http:
-        response = await http.get(f"http://127.0.0.1:{port}/metrics")
-    response.raise_for_status()
-    return parse_exposition(response.text)
 
 
 def named(values: dict[str, float], name: str) -> dict[str, float]:

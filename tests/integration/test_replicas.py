@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tests.support.fake_llm_process import fake_llm_process
 from tests.support.pipeline import (
+    ConsumerProcess,
     Topics,
     create_topics,
     duplicates,
@@ -16,19 +17,26 @@ from tests.support.pipeline import (
     running_consumer,
     settings_file,
     wait_for_commits,
+    wait_until,
 )
 
 ROWS = 1200
 CAPACITY = 12
+PARTITIONS = 4
+
+
+def owned(replica: ConsumerProcess) -> int:
+    """How many partitions the replica's latest assignment gave it."""
+    assigned = [line for line in replica.log_lines() if line.get("msg") == "partitions assigned"]
+    return len(assigned[-1]["partitions"]) if assigned else 0
 
 
 async def test_two_replicas_against_one_capacity_both_finish_with_nothing_missing(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     topics = Topics.unique("replicas")
-    await create_topics(kafka_bootstrap, [topics.input, topics.output], partitions=4)
+    await create_topics(kafka_bootstrap, [topics.input, topics.output], partitions=PARTITIONS)
     rows = [{"id": f"r{i}", "text": f"review {i}: it is fine"} for i in range(ROWS)]
-    await publish(kafka_bootstrap, topics.input, rows_to_messages(rows))
     server = ["--capacity", str(CAPACITY), "--latency-ms", "50", "--retry-after-s", "1.0"]
     with fake_llm_process(*server) as llm:
         settings = settings_file(
@@ -43,6 +51,14 @@ async def test_two_replicas_against_one_capacity_both_finish_with_nothing_missin
             running_consumer(settings, tmp_path / "a.log") as first,
             running_consumer(settings, tmp_path / "b.log") as second,
         ):
+            # the rows go in once both own partitions: published before, the first replica
+            # can enrich them all while the group still waits for the second to join
+            await wait_until(
+                lambda: owned(first) + owned(second) == PARTITIONS and owned(second) > 0,
+                "both replicas own partitions",
+                timeout_s=60,
+            )
+            await publish(kafka_bootstrap, topics.input, rows_to_messages(rows))
             outputs = await read_topic(kafka_bootstrap, topics.output, expect=ROWS, timeout_s=180)
             await wait_for_commits(kafka_bootstrap, topics.group, topics.input, timeout_s=60)
             assert first.stop() == 0, first.log_text()[-2000:]

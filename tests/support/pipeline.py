@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,8 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+
+from consumer.observability.metrics import parse_exposition
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -282,10 +284,31 @@ def running_consumer(settings: Path, log_path: Path, **env: str) -> Iterator[Con
         proc.kill()
 
 
+async def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def logged(proc: ConsumerProcess, fragment: str) -> Callable[[], bool]:
+    """True once the process has logged a message containing `fragment`."""
+    return lambda: any(fragment in str(line.get("msg", "")) for line in proc.log_lines())
+
+
 def duplicates(messages: Sequence[Message]) -> int:
     """How many outputs repeat a (source partition, offset) already seen."""
     counts = Counter(m.source for m in messages)
     return sum(n - 1 for n in counts.values())
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """The consumer's /metrics, parsed into series name (with labels) -> value."""
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        response = await http.get(f"http://127.0.0.1:{port}/metrics")
+    response.raise_for_status()
+    return parse_exposition(response.text)
 
 
 async def readiness(port: int) -> tuple[int, Any]:
