@@ -185,12 +185,13 @@ class ConcurrencySettings(_Model):
         default=1.0, gt=0.0, description="Added to the limit per round trip while it is used."
     )
     probe_step: float | None = Field(
-        default=0.05,
+        default=0.2,
         gt=0.0,
         description=(
             "Increase per round trip just below the level of the last congestion, where the "
-            "limit rides (a long flat sawtooth: few 429s and Retry-After pauses); below that "
-            "level the limit recovers half the way per round trip. null: increase_step always."
+            "limit rides (a flat sawtooth: few 429s and Retry-After pauses), divided by the "
+            "replicas sharing the provider; below that level the limit recovers half the way "
+            "per round trip. null: increase_step always."
         ),
     )
     fast_climb: bool = Field(

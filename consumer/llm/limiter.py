@@ -6,7 +6,8 @@ Decisions, and why:
   - below ceiling - 1 (recovering after a cut): half the way back per round trip, at least
     `increase_step`, since the level just below the ceiling held until the overload;
   - in [ceiling - 1, ceiling) (at the known-safe level): `probe_step` per round trip, so the
-    sawtooth is long and flat and each 429 and Retry-After pause comes rarely;
+    sawtooth is flat and each 429 and Retry-After pause comes rarely; divided among the
+    replicas sharing the provider, which meets the sum of their probes;
   - at or past the ceiling without congestion, or with no congestion seen yet: the capacity is
     unknown above, so the increase starts at `increase_step` per round trip and doubles every
     round trip while traffic keeps pressing (BIC's max probing; exponential like TCP's slow
@@ -228,7 +229,7 @@ class AIMDLimiter:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         *,
-        probe_step: float | None = 0.05,
+        probe_step: float | None = 0.2,
         fast_climb: bool = True,
         latency_signal: bool | None = None,
         latency_tolerance: float = 2.0,
@@ -585,7 +586,9 @@ class AIMDLimiter:
             return self._step
         safe = ceiling - 1.0
         if self._limit >= safe:
-            return self._probe_step
+            # The provider sees the sum of the replicas' probes: each probes its share of one
+            # replica's rate, or N replicas would meet 429s N times as often, and cut together.
+            return self._probe_step / (1 + len(self._peer_limits))
         return max(self._step, (safe - self._limit) / 2.0)
 
     def _decrease(self, ticket: Ticket, now: float, why: str) -> None:

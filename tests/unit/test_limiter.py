@@ -498,6 +498,19 @@ def test_at_the_safe_level_the_limit_probes_by_the_probe_step() -> None:
     assert lim.state().ceiling == 20.0
 
 
+def test_replicas_sharing_the_provider_split_the_probe_step() -> None:
+    """Three replicas probing at one replica's rate each would meet the provider's 429s three
+    times as often, and cut together."""
+    clock = FakeClock()
+    lim = shaped(clock, probe_step=0.3)
+    in_flight = congest_at_full_limit(lim, clock)
+    while lim.limit < 19.0:
+        run_saturated(lim, in_flight, 1)
+    lim.peers_told([19.0, 19.0])  # at its share: the ceiling stays its own
+    assert 0.09 <= round_trip(lim, in_flight) <= 0.11
+    assert lim.state().ceiling == 20.0
+
+
 def test_reaching_the_ceiling_without_congestion_starts_a_climb_that_doubles() -> None:
     clock = FakeClock()
     lim = shaped(clock, probe_step=0.5)
