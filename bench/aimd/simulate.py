@@ -286,18 +286,25 @@ async def scenario(
         tasks += [asyncio.create_task(row_loop()) for _ in range(args.outstanding // args.replicas)]
 
     told_at = -math.inf
+    cuts = [0] * len(limiters)
 
     async def follow() -> None:
-        nonlocal told_at
+        nonlocal told_at, cuts
         while loop.time() < duration:
             if args.replicas > 1 and not args.no_share and loop.time() - told_at >= TELL_EVERY_S:
                 # as consumer/llm/peers.py tells them (pressing is not modelled: all press)
                 told_at = loop.time()
                 told = [limiter.limit for limiter in limiters]
                 answered = [limiter.answered_within(2.0) for limiter in limiters]
+                cut = [limiter.cuts > seen for limiter, seen in zip(limiters, cuts, strict=True)]
+                cuts = [limiter.cuts for limiter in limiters]
                 for me, limiter in enumerate(limiters):
                     others = [i for i in range(len(limiters)) if i != me]
-                    limiter.peers_told([told[i] for i in others], any(answered[i] for i in others))
+                    limiter.peers_told(
+                        [told[i] for i in others],
+                        any(answered[i] for i in others),
+                        any(cut[i] for i in others),
+                    )
             if strategy == "oracle" and args.mode == "capacity":
                 share = float(min(args.max, provider.capacity())) / args.replicas
                 for limiter in limiters:

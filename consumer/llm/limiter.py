@@ -49,7 +49,11 @@ Decisions, and why:
   replicas pressing on theirs is raised to that mean: the replica climbs back to its share at
   once, and the one holding more meets the 429s when it probes past its level. Only with
   limits told after its last cut: the others cut for the same overload, and limits told
-  before their cuts would all look too high. Alone, nothing changes.
+  before their cuts would all look too high. The other way round, a replica above 1.1 of the
+  mean cuts when another replica cuts (to no lower than the mean): the provider refuses
+  whoever sends into it when it is full, the replica climbing back to its share, and the one
+  holding the capacity only replaces what it finishes, so it would otherwise give back only
+  when its own probe met a 429. Alone, nothing changes.
 - The quota gate is a limiter-wide "not before" time, with jitter, and a ramp after it: the
   permits come back over `retry_after_jitter` x the hint, so waiting requests do not come back
   as a herd.
@@ -91,6 +95,8 @@ _QUEUE_MIN_SAMPLES = 4
 _QUEUE_STALE_S = 15.0
 # Sharing a provider: a ceiling below this fraction of the replicas' mean limit is not kept.
 _BELOW_FAIR = 0.9
+# ... and a replica whose limit is above this fraction of it follows the others' cuts.
+_ABOVE_FAIR = 1.1
 
 
 @dataclass(frozen=True)
@@ -321,6 +327,12 @@ class AIMDLimiter:
         return self._limit
 
     @property
+    def cuts(self) -> int:
+        """Congestion events the provider made this limiter cut for (not the cuts it followed
+        from other replicas: counting those, two replicas would echo each other's)."""
+        return self._decreases
+
+    @property
     def permits(self) -> int:
         return max(self._min, int(self._limit))
 
@@ -356,13 +368,32 @@ class AIMDLimiter:
         if not keep_latency_signal:
             self._queue_probe = None
 
-    def peers_told(self, limits: list[float], answering: bool = False) -> None:
-        """The limits of the other replicas pressing on the same provider, and whether any
-        of them is being answered, as just read (consumer/llm/peers.py)."""
+    def peers_told(self, limits: list[float], answering: bool = False, cut: bool = False) -> None:
+        """The limits of the other replicas pressing on the same provider, whether any of
+        them is being answered, and whether any cut since last told (consumer/llm/peers.py).
+
+        A replica holding more than its share cuts with them: the provider refuses whoever
+        sends into it when it is full, and that is the replica climbing back to its share,
+        rarely the one that holds the capacity and only replaces the requests it finishes.
+        Without the shared cut the one holding more gave back only when its own probe met a
+        429. The cut goes no lower than the share, and does not count as the provider's."""
+        now = self._clock()
         self._peer_limits = limits
-        self._peers_told_at = self._clock()
+        self._peers_told_at = now
         if answering:
-            self._peers_answered_at = self._peers_told_at
+            self._peers_answered_at = now
+        fair = self._fair_share() if cut else None
+        if (
+            fair is not None
+            and self._limit > _ABOVE_FAIR * fair
+            and now - self._last_decrease_at > (self._rtt_ewma or 0.0)
+        ):
+            before = self._limit
+            self._ceiling = before
+            self._limit = max(fair, before * self._factor)
+            self._climb_gain = 1.0
+            self._last_decrease_at = now
+            log.debug("limiter follows a replica's cut %.1f -> %.1f", before, self._limit)
 
     def peers_answered_within(self, seconds: float) -> bool:
         """Whether another replica told, in the last `seconds`, that the provider answers it."""

@@ -641,6 +641,48 @@ def test_no_replica_told_leaves_the_limit_alone() -> None:
     assert shared.state().peers == 0
 
 
+def test_a_replica_above_its_share_cuts_when_another_replica_cuts() -> None:
+    """The provider refuses the replica climbing back to its share, not the one holding the
+    capacity: that one follows the cut, to no lower than its share, once per round trip, and
+    it is not counted as a cut of its own (the others would follow it back)."""
+    clock = FakeClock()
+    lim = limiter(initial=30, factor=0.8, clock=clock)
+    tickets = fill(lim)
+    clock.now += 0.2
+    for ticket in tickets:
+        lim.on_ignore(ticket)
+    lone = lim.try_acquire()
+    assert lone is not None
+    clock.now += 0.2
+    lim.on_success(lone)  # a round trip of 0.2 s
+    lim.peers_told([10.0, 10.0], cut=False)
+    assert lim.limit == 30.0  # no cut told: nothing to follow
+    lim.peers_told([10.0, 10.0], cut=True)
+    assert lim.limit == pytest.approx(24.0)  # 0.8 of 30, above the share (16.7)
+    assert lim.state().ceiling == 30.0
+    assert lim.cuts == 0
+    clock.now += 0.1
+    lim.peers_told([10.0, 10.0], cut=True)  # within the round trip: the same cut
+    assert lim.limit == pytest.approx(24.0)
+    followed = []
+    for _ in range(5):
+        clock.now += 0.3
+        lim.peers_told([10.0, 10.0], cut=True)
+        followed.append(round(lim.limit, 2))
+    # 0.8 per cut while above 1.1 x the share (the mean with the others' 10 and 10); the last
+    # cut stops at the share (10.76), and that is kept
+    assert followed == [19.2, 15.36, 12.29, 10.76, 10.76]
+
+
+def test_a_replica_at_or_below_its_share_does_not_follow_the_others_cuts() -> None:
+    clock = FakeClock()
+    lim = shaped(clock)
+    lim.peers_told([19.0, 21.0], cut=True)
+    assert lim.limit == 20.0
+    lim.peers_told([], cut=True)  # alone: no share to hold
+    assert lim.limit == 20.0
+
+
 def test_pressed_within_tells_whether_traffic_filled_the_limit_lately() -> None:
     clock = FakeClock()
     lim = limiter(initial=3, clock=clock)

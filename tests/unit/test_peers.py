@@ -49,8 +49,10 @@ class RecordingLimiter:
         self.limit = limit
         self.pressing = pressing
         self.answered = answered
+        self.cuts = 0
         self.told: list[list[float]] = []
         self.answering: list[bool] = []
+        self.cut: list[bool] = []
 
     def pressed_within(self, seconds: float) -> bool:
         return self.pressing
@@ -58,9 +60,10 @@ class RecordingLimiter:
     def answered_within(self, seconds: float) -> bool:
         return self.answered
 
-    def peers_told(self, limits: list[float], answering: bool = False) -> None:
+    def peers_told(self, limits: list[float], answering: bool = False, cut: bool = False) -> None:
         self.told.append(limits)
         self.answering.append(answering)
+        self.cut.append(cut)
 
 
 class Clock:
@@ -94,7 +97,30 @@ def test_a_replica_tells_its_limit_and_is_told_the_others_pressing() -> None:
     assert a_limiter.told == [[], [7.5]]
     assert b_limiter.told == [[4.0]]
     told = orjson.loads(next(v for k, v in table.entries.items() if k.endswith(b"/a")))
-    assert told == {"limit": 4.0, "pressing": True, "answered": True, "at_ms": 1_000_000}
+    assert told == {
+        "limit": 4.0,
+        "pressing": True,
+        "answered": True,
+        "cuts": 0,
+        "at_ms": 1_000_000,
+    }
+
+
+def test_a_replica_is_told_when_a_pressing_other_cut_since_the_last_tick() -> None:
+    table, wall = RecordingTable(), Clock(1000.0)
+    me, me_limiter = make(table, "me", wall)
+    other, other_limiter = make(table, "other", wall)
+    idle, idle_limiter = make(table, "idle", wall, pressing=False)
+    for peers in (other, idle, me):
+        peers.tick()
+    other_limiter.cuts = idle_limiter.cuts = 3  # both cut since (the first read is no cut)
+    for peers in (other, idle, me):
+        peers.tick()
+    me.tick()  # no cut since the last tick
+    idle_limiter.cuts = 4  # a cut of one that does not press is not followed
+    idle.tick()
+    me.tick()
+    assert me_limiter.cut == [False, True, False, False]
 
 
 def test_a_replica_is_told_whether_any_other_is_answered_pressing_or_not() -> None:
