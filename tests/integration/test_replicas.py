@@ -20,7 +20,7 @@ from tests.support.pipeline import (
     wait_until,
 )
 
-ROWS = 1200
+ROWS = 2400
 CAPACITY = 12
 PARTITIONS = 4
 
@@ -78,12 +78,13 @@ async def test_two_replicas_against_one_capacity_both_finish_with_nothing_missin
         told = [line for line in lines if line.get("msg") == "replicas sharing the provider"]
         assert any(line["other_replicas"] == 1 for line in told), logs
     # the capacity was never exceeded, and the two limiters found it without a 429 storm:
-    # both start above it (16 each against 12), and a replica back from a window gap or a
-    # rebalance meets the other holding the capacity; most of the 429s are those meetings
-    # (2.6-5.0 % of the requests in six runs); bench/replicas.py measures the share on long
-    # runs
+    # both start above it together (16 each against 12), and a replica back from a window gap
+    # meets the other holding the capacity; most of the 429s are those meetings, and at 50 ms
+    # a 1 s hint is twenty round trips (3.5-6.9 % of the requests in six runs of 2400 rows,
+    # 1.4-8.4 % in five of 1200, where the start weighs more; a storm was 15 % and more);
+    # bench/replicas.py measures the share on long runs
     assert stats["max_in_flight"] <= CAPACITY
-    assert stats["rejected_429"] <= 0.08 * stats["requests"], stats
+    assert stats["rejected_429"] <= 0.10 * stats["requests"], stats
 
 
 async def test_a_share_topic_that_cannot_hold_the_limits_leaves_each_replica_alone(
